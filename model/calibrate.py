@@ -1,0 +1,60 @@
+"""Choose the fastest graph form per sequence-length range by measuring them on this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from model.timing import cpu_session, median_seconds, session_feed
+
+CALIBRATION_SEQ_LENS = (16, 64, 128, 512, 1024, 2048, 4096)
+
+
+def calibration_points(max_seq_len: int) -> list[int]:
+    points = [s for s in CALIBRATION_SEQ_LENS if s < max_seq_len]
+    return [*points, max_seq_len]
+
+
+def measure_forms(
+    graphs: dict[str, Path], d_model: int, seq_lens: list[int], threads: int
+) -> dict[str, dict[int, float]]:
+    """Median ms of each graph at batch 1 for each seq length."""
+    timings: dict[str, dict[int, float]] = {}
+    for form, path in graphs.items():
+        session = cpu_session(path, threads)
+        timings[form] = {}
+        for seq in seq_lens:
+            feed = session_feed(session, 1, seq, d_model)
+            budget = 0.25 if seq <= 1024 else 0.0  # long sequences: 3 runs are already seconds
+            timings[form][seq] = 1e3 * median_seconds(lambda s=session, f=feed: s.run(None, f), min_seconds=budget)
+    return timings
+
+
+# A form keeps the next range unless another is clearly faster there: no flapping on noise.
+SWITCH_MARGIN = 1.03
+
+
+def routing_from_timings(timings: dict[str, dict[int, float]]) -> list[dict[str, object]]:
+    """[{"up_to": seq, "graph": form}, ...]: the form fastest at the next measured point ≥ seq."""
+    seq_lens = sorted(next(iter(timings.values())))
+    table: list[dict[str, object]] = []
+    for seq in seq_lens:
+        fastest = min(timings, key=lambda form: timings[form][seq])
+        if table and timings[str(table[-1]["graph"])][seq] <= SWITCH_MARGIN * timings[fastest][seq]:
+            fastest = str(table[-1]["graph"])
+        if table and table[-1]["graph"] == fastest:
+            table[-1]["up_to"] = seq
+        else:
+            table.append({"up_to": seq, "graph": fastest})
+    return table
+
+
+def static_routing(form: str, max_seq_len: int) -> list[dict[str, object]]:
+    return [{"up_to": max_seq_len, "graph": form}]
+
+
+def route(table: list[dict[str, object]], seq: int) -> str:
+    """The graph a routing table names for ``seq`` (the last range takes anything longer)."""
+    for entry in table:
+        if seq <= int(entry["up_to"]):  # type: ignore[arg-type]
+            return str(entry["graph"])
+    return str(table[-1]["graph"])
