@@ -16,30 +16,14 @@ With ``causal=True`` query i also ignores keys j > i.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import AttentionConfig
 
-@dataclass(frozen=True)
-class AttentionConfig:
-    d_model: int = 512  # width of every token vector, in and out
-    num_heads: int = 8  # heads; each works on d_model / num_heads channels
-    causal: bool = False  # True: query i sees keys 0..i only (decoder-style)
-
-    def __post_init__(self) -> None:
-        if self.num_heads <= 0:
-            raise ValueError(f"num_heads must be a positive integer, got {self.num_heads}")
-        if self.d_model <= 0:
-            raise ValueError(f"d_model must be a positive integer, got {self.d_model}")
-        if self.d_model % self.num_heads:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+__all__ = ["AttentionConfig", "MultiHeadAttention"]
 
 
 class MultiHeadAttention(nn.Module):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.attention import AttentionConfig
-from model.graph_set import ParityError
+from model.config import AttentionConfig
+from model.reference import ParityError
 from model.weights import Weights, WeightsError, file_sha256, load_bert_layer, load_state_dict, seeded_weights, validate
 
 FORMAT = "attnserve-model/1"

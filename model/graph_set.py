@@ -9,16 +9,12 @@ import onnx
 
 from model.attention import AttentionConfig
 from model.fused_graphs import INPUT, MASK, build_attention23_graph, build_mha_graph
-from model.reference import reference_attention, relative_l2
+from model.reference import ParityError, reference_attention, relative_l2
 from model.timing import cpu_session
 from model.torch_export import build_module, export_plain
 from model.weights import Weights
 
 _FUSED_BUILDERS = {"mha": build_mha_graph, "attention23": build_attention23_graph}
-
-
-class ParityError(Exception):
-    """A graph disagrees with the float64 reference beyond tolerance."""
 
 
 def write_graphs(

@@ -11,6 +11,10 @@ import numpy as np
 from model.weights import Weights
 
 
+class ParityError(Exception):
+    """A graph disagrees with this reference beyond tolerance."""
+
+
 def reference_attention(
     weights: Weights,
     num_heads: int,
