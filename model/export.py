@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def _check_out(out: Path) -> None:
         )
 
 
-def export(plan: ExportPlan, log=print) -> dict[str, object]:
+def export(plan: ExportPlan, log: Callable[[str], object] = print) -> dict[str, object]:
     """Write the model directory; return its config."""
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     scratch = plan.out.parent / f".{plan.out.name}.partial-{os.getpid()}"
@@ -166,7 +167,7 @@ def export(plan: ExportPlan, log=print) -> dict[str, object]:
     return config
 
 
-def _write_graphs_and_config(plan: ExportPlan, scratch: Path, log) -> dict[str, object]:
+def _write_graphs_and_config(plan: ExportPlan, scratch: Path, log: Callable[[str], object]) -> dict[str, object]:
     from model.calibrate import calibration_points, measure_forms, routing_from_timings, static_routing
     from model.graph_set import check_parity, write_graphs
     from model.timing import cpu_threads
