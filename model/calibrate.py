@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model.timing import cpu_session, median_seconds, session_feed
+from model.timing import cpu_session, interleaved_medians, session_feed
 
 CALIBRATION_SEQ_LENS = (16, 64, 128, 512, 1024, 2048, 4096)
 
@@ -17,15 +17,16 @@ def calibration_points(max_seq_len: int) -> list[int]:
 def measure_forms(
     graphs: dict[str, Path], d_model: int, seq_lens: list[int], threads: int
 ) -> dict[str, dict[int, float]]:
-    """Median ms of each graph at batch 1 for each seq length."""
-    timings: dict[str, dict[int, float]] = {}
-    for form, path in graphs.items():
-        session = cpu_session(path, threads)
-        timings[form] = {}
-        for seq in seq_lens:
+    """Median ms of each graph at batch 1 for each seq length, the forms taking turns (as the benchmark does)."""
+    sessions = {form: cpu_session(path, threads) for form, path in graphs.items()}
+    timings: dict[str, dict[int, float]] = {form: {} for form in graphs}
+    for seq in seq_lens:
+        runners = {}
+        for form, session in sessions.items():
             feed = session_feed(session, 1, seq, d_model)
-            budget = 0.25 if seq <= 1024 else 0.0  # long sequences: 3 runs are already seconds
-            timings[form][seq] = 1e3 * median_seconds(lambda s=session, f=feed: s.run(None, f), min_seconds=budget)
+            runners[form] = lambda s=session, f=feed: s.run(None, f)
+        for form, seconds in interleaved_medians(runners, rounds=3, budget_s=1.0).items():
+            timings[form][seq] = 1e3 * seconds
     return timings
 
 

@@ -22,22 +22,30 @@ ORT_IR_VERSION = 10  # onnxruntime 1.31 reads IR ≤ 13; 10 is what torch's expo
 ATTENTION23_IR_VERSION = 11  # opset 23 needs IR 11
 
 
-def _packed_qkv(weights: Weights) -> tuple[np.ndarray, np.ndarray]:
+FP32, FP16 = np.dtype(np.float32), np.dtype(np.float16)
+_ONNX_TYPES = {FP32: TensorProto.FLOAT, FP16: TensorProto.FLOAT16}
+
+
+def _packed_qkv(weights: Weights, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """W_Q, W_K, W_V side by side in x·W layout [d, 3d] and their biases [3d]: one GEMM for all three."""
     w = np.concatenate([weights[f"{p}.weight"].T for p in ("q_proj", "k_proj", "v_proj")], axis=1)
     b = np.concatenate([weights[f"{p}.bias"] for p in ("q_proj", "k_proj", "v_proj")])
-    return np.ascontiguousarray(w, dtype=np.float32), b.astype(np.float32)
+    return np.ascontiguousarray(w, dtype=dtype), b.astype(dtype)
 
 
 class _GraphBuilder:
     """Collects nodes and initializers; keeps each builder below readable."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: np.dtype = FP32) -> None:
+        self.dtype = np.dtype(dtype)  # of the hidden states, weights and output
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
 
     def const(self, name: str, value: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        value = np.asarray(value)
+        if value.dtype.kind == "f":
+            value = value.astype(self.dtype)
+        self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
     def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs: object) -> str:
@@ -45,10 +53,11 @@ class _GraphBuilder:
         return output
 
     def model(self, name: str, d_model: int, masked: bool, opsets: dict[str, int], ir_version: int) -> onnx.ModelProto:
-        inputs = [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", "seq", d_model])]
+        elem = _ONNX_TYPES[self.dtype]
+        inputs = [helper.make_tensor_value_info(INPUT, elem, ["batch", "seq", d_model])]
         if masked:
             inputs.append(helper.make_tensor_value_info(MASK, TensorProto.INT32, ["batch", "seq"]))
-        outputs = [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", "seq", d_model])]
+        outputs = [helper.make_tensor_value_info(OUTPUT, elem, ["batch", "seq", d_model])]
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
         model = helper.make_model(
             graph,
@@ -73,11 +82,16 @@ class _GraphBuilder:
         self.node("Where", [real_rows, biased, self.const("zero", np.array(0.0, np.float32))], OUTPUT)
 
 
-def build_mha_graph(weights: Weights, num_heads: int, causal: bool, masked: bool) -> onnx.ModelProto:
-    """X·[W_Q W_K W_V] in one GEMM, then com.microsoft.MultiHeadAttention (bias added inside), then W_O."""
+def build_mha_graph(
+    weights: Weights, num_heads: int, causal: bool, masked: bool, dtype: np.dtype = FP32
+) -> onnx.ModelProto:
+    """X·[W_Q W_K W_V] in one GEMM, then com.microsoft.MultiHeadAttention (bias added inside), then W_O.
+
+    ``dtype`` float16 gives the CUDA graph (hidden states, weights and output in FP16).
+    """
     d_model = weights["q_proj.weight"].shape[0]
-    g = _GraphBuilder()
-    w_qkv, b_qkv = _packed_qkv(weights)
+    g = _GraphBuilder(dtype)
+    w_qkv, b_qkv = _packed_qkv(weights, g.dtype)
     qkv = g.node("MatMul", [INPUT, g.const("qkv_weight", w_qkv)], "qkv")
     split = g.const("qkv_split", np.array([d_model] * 3, np.int64))
     g.nodes.append(helper.make_node("Split", [qkv, split], ["q", "k", "v"], axis=2))
@@ -93,7 +107,7 @@ def build_attention23_graph(weights: Weights, num_heads: int, causal: bool, mask
     """X·[W_Q W_K W_V] + b in one GEMM, then the ONNX opset-23 Attention op, then W_O."""
     d_model = weights["q_proj.weight"].shape[0]
     g = _GraphBuilder()
-    w_qkv, b_qkv = _packed_qkv(weights)
+    w_qkv, b_qkv = _packed_qkv(weights, g.dtype)
     qkv = g.node(
         "Add",
         [g.node("MatMul", [INPUT, g.const("qkv_weight", w_qkv)], "qkv_matmul"), g.const("qkv_bias", b_qkv)],

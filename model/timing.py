@@ -28,18 +28,30 @@ def cpu_session(path: Path | str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def median_seconds(
-    run: Callable[[], object], *, min_runs: int = 3, min_seconds: float = 0.3, max_runs: int = 200
-) -> float:
-    """Median wall time of ``run`` after one warm-up; repeats until both minimums are met."""
-    run()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - started < min_seconds):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved_medians(runners: dict[str, Callable[[], object]], rounds: int, budget_s: float) -> dict[str, float]:
+    """Median seconds per call of each runner, measured in blocks that take turns round after round.
+
+    Blocks, not single calls: onnxruntime's and torch's thread pools spin for a while after a call,
+    and a call squeezed between another runtime's calls would pay for that runtime's spinning.
+    """
+    block_s = budget_s / max(rounds, 1) / max(len(runners), 1)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for round_ in range(rounds + 1):  # round 0 warms up and is dropped
+        for name, run in runners.items():
+            block: list[float] = []
+            started = time.perf_counter()
+            while not block or (time.perf_counter() - started < block_s and len(block) < 200):
+                block.append(timed(run))
+            if round_:
+                times[name].append(statistics.median(block))
+            time.sleep(0.05)  # let the pool that just ran go idle before the next one starts
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def session_feed(
