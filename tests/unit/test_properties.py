@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.config import AttentionConfig
-from model.fused_graphs import build_attention23_graph, build_mha_graph
+from model.fused_graphs import FP16, build_attention23_graph, build_mha_graph
 from model.reference import reference_attention, relative_l2
 from model.torch_export import build_module
 from model.weights import seeded_weights
@@ -108,3 +108,16 @@ def test_padded_batch_equals_each_sequence_alone(lengths: list[int], causal: boo
     batched = session.run(None, {"hidden_states": x, "attention_mask": mask})[0]
     for i, n in enumerate(lengths):
         assert relative_l2(batched[i, :n], alone[i][0].astype(np.float64)) <= 1e-5
+
+
+@settings(max_examples=10, deadline=None)
+@given(cases())
+def test_fp16_mha_graph_matches_reference_within_half_precision(case: dict) -> None:
+    """The CUDA FP16 graph, run here on the CPU provider: same maths, FP16 rounding."""
+    weights = seeded_weights(case["d"], case["seed"])
+    x = np.random.default_rng(case["seed"]).standard_normal((case["batch"], case["seq"], case["d"])).astype(np.float16)
+    session = _session(build_mha_graph(weights, case["heads"], case["causal"], masked=True, dtype=FP16))
+    served = session.run(None, {"hidden_states": x, "attention_mask": case["mask"]})[0]
+    expected, _ = reference_attention(weights, case["heads"], x, case["mask"], case["causal"])
+    assert served.dtype == np.float16
+    assert relative_l2(served, expected) <= 5e-3
