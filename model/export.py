@@ -33,7 +33,9 @@ PARITY_REL_L2, PARITY_MAX_ABS = 1e-5, 1e-4
 FORMS = ("plain", "mha", "attention23")
 # Kept whatever calibration says: plain is the torch export itself, mha is what CUDA runs.
 ALWAYS_KEPT = ("plain", "mha")
-CUDA_FORM = "mha"  # flash / memory-efficient kernels on the CUDA EP; not measurable without a GPU
+# The CUDA route (flash / memory-efficient kernels; not measurable without a GPU) and the CPU route when
+# calibration is skipped: on this machine it is never far from the fastest form (see reports/model_bench.md).
+BUILT_IN_FORM = "mha"
 
 
 class ExportError(Exception):
@@ -168,9 +170,7 @@ def export(plan: ExportPlan, log: Callable[[str], object] = print) -> dict[str, 
 
 
 def _write_graphs_and_config(plan: ExportPlan, scratch: Path, log: Callable[[str], object]) -> dict[str, object]:
-    from model.calibrate import calibration_points, measure_forms, routing_from_timings, static_routing
     from model.graph_set import check_parity, write_graphs
-    from model.timing import cpu_threads
     from model.weights import save_npz
 
     started = time.perf_counter()
@@ -186,28 +186,12 @@ def _write_graphs_and_config(plan: ExportPlan, scratch: Path, log: Callable[[str
     )
     log(f"parity ok: worst rel L2 {parity['max_rel_l2']:.2e}, worst abs {parity['max_abs']:.2e}")
 
-    threads = cpu_threads()
-    routing: dict[str, object] = {}
-    calibration: dict[str, object] = {"measured": plan.calibrate, "threads": threads}
-    for variant, suffix in (("unmasked", ""), ("masked", "_masked")):
-        names = [f"{form}{suffix}" for form in FORMS]
-        if plan.calibrate:
-            points = calibration_points(plan.max_seq_len)
-            ms = measure_forms({n: scratch / graphs[n]["file"] for n in names}, plan.config.d_model, points, threads)
-            calibration[variant] = {n: {str(s): round(t, 3) for s, t in per.items()} for n, per in ms.items()}
-            routing.setdefault("cpu", {})[variant] = routing_from_timings(ms)  # type: ignore[union-attr]
-        else:
-            routing.setdefault("cpu", {})[variant] = static_routing(f"{CUDA_FORM}{suffix}", plan.max_seq_len)  # type: ignore[union-attr]
-        routing.setdefault("cuda", {})[variant] = static_routing(f"{CUDA_FORM}{suffix}", plan.max_seq_len)  # type: ignore[union-attr]
-    log(
-        f"routing (cpu, {threads} threads, {'measured' if plan.calibrate else 'built-in'}): "
-        + json.dumps(routing["cpu"])
-    )  # type: ignore[index]
-
-    routed = {str(e["graph"]) for provider in routing.values() for table in provider.values() for e in table}  # type: ignore[union-attr]
+    routing, calibration = _route(plan, {name: scratch / g["file"] for name, g in graphs.items()})
+    how = "measured" if plan.calibrate else "built-in"
+    log(f"routing (cpu, {calibration['threads']} threads, {how}): {json.dumps(routing['cpu'])}")
+    routed = {entry["graph"] for provider in routing.values() for table in provider.values() for entry in table}
     for name in list(graphs):
-        form = graphs[name]["form"]
-        if name != "weights" and form not in ALWAYS_KEPT and name not in routed:
+        if graphs[name]["form"] not in ALWAYS_KEPT and name not in routed:
             (scratch / graphs.pop(name)["file"]).unlink()
 
     save_npz(plan.weights, scratch / "weights.npz")
@@ -237,6 +221,29 @@ def _write_graphs_and_config(plan: ExportPlan, scratch: Path, log: Callable[[str
     }
     (scratch / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config
+
+
+Routing = dict[str, dict[str, list[dict[str, object]]]]  # provider -> mask variant -> [{"up_to", "graph"}]
+
+
+def _route(plan: ExportPlan, graph_paths: dict[str, Path]) -> tuple[Routing, dict[str, object]]:
+    """Per provider and mask variant, which graph runs up to which seq length; with the timings behind it."""
+    from model.calibrate import calibration_points, measure_forms, routing_from_timings, static_routing
+    from model.timing import cpu_threads
+
+    threads = cpu_threads()
+    routing: Routing = {"cpu": {}, "cuda": {}}
+    calibration: dict[str, object] = {"measured": plan.calibrate, "threads": threads}
+    for variant, suffix in (("unmasked", ""), ("masked", "_masked")):
+        routing["cuda"][variant] = static_routing(f"{BUILT_IN_FORM}{suffix}", plan.max_seq_len)
+        if not plan.calibrate:
+            routing["cpu"][variant] = static_routing(f"{BUILT_IN_FORM}{suffix}", plan.max_seq_len)
+            continue
+        candidates = {f"{form}{suffix}": graph_paths[f"{form}{suffix}"] for form in FORMS}
+        ms = measure_forms(candidates, plan.config.d_model, calibration_points(plan.max_seq_len), threads)
+        calibration[variant] = {name: {str(s): round(t, 3) for s, t in per.items()} for name, per in ms.items()}
+        routing["cpu"][variant] = routing_from_timings(ms)
+    return routing, calibration
 
 
 def _versions() -> dict[str, str]:
