@@ -73,11 +73,15 @@ def check_parity(
     worst = {"max_rel_l2": 0.0, "max_abs": 0.0, "max_prob_row_sum_error": 0.0}
     sessions = {name: cpu_session(path, threads=1) for name, path in graph_paths.items()}
     for x, mask in parity_inputs(config.d_model, max_seq_len):
+        references = {
+            masked: reference_attention(weights, config.num_heads, x, mask if masked else None, config.causal)
+            for masked in (False, True)
+        }
         for name, session in sessions.items():
             masked = any(i.name == MASK for i in session.get_inputs())
             feed = {INPUT: x, MASK: mask} if masked else {INPUT: x}
             outputs = session.run(None, feed)
-            expected, probs = reference_attention(weights, config.num_heads, x, mask if masked else None, config.causal)
+            expected, probs = references[masked]
             err, abs_err = relative_l2(outputs[0], expected), float(np.abs(outputs[0] - expected).max())
             where = f"graph {name}, input {list(x.shape)}"
             if not (err <= rel_l2 and abs_err <= max_abs):
