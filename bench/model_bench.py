@@ -11,6 +11,7 @@ round by round, so a noisy shared machine slows them alike. The fp32 GEMM rate o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
@@ -194,7 +195,8 @@ def run_cuda(args: argparse.Namespace) -> str:
             runners[name] = lambda s=session, b=binding: s.run_with_iobinding(b)
         if has_torch_cuda:
             for name, tdtype in (("torch_fp32", torch.float32), ("torch_fp16", torch.float16)):
-                m, xt = module.to(tdtype), torch.from_numpy(x).cuda().to(tdtype)
+                # A copy per dtype: Module.to() converts in place, which would turn the FP32 runner into FP16.
+                m, xt = copy.deepcopy(module).to(tdtype), torch.from_numpy(x).cuda().to(tdtype)
 
                 def run(m: torch.nn.Module = m, xt: torch.Tensor = xt) -> object:
                     with torch.inference_mode():
