@@ -25,6 +25,7 @@ import torch
 
 from model.calibrate import route
 from model.config import AttentionConfig
+from model.export import read_model_dir
 from model.fused_graphs import build_mha_graph
 from model.graph_set import write_graphs
 from model.timing import attention_flops, cpu_session, cpu_threads, interleaved_medians, timed
@@ -68,11 +69,9 @@ def cpu_runners(
 
 
 def run_cpu(args: argparse.Namespace) -> str:
-    config = json.loads((args.model_dir / "config.json").read_text())
+    config, weights = read_model_dir(args.model_dir)
     threads = args.threads or cpu_threads()
     torch.set_num_threads(threads)
-    with np.load(args.model_dir / "weights.npz") as data:
-        weights = {k: data[k] for k in data.files}
     attention = AttentionConfig(config["d_model"], config["num_heads"], config["causal"])
     module = build_module(weights, attention)  # fast path: F.scaled_dot_product_attention
     table = config["routing"]["cpu"]["unmasked"]
@@ -172,9 +171,7 @@ def run_cuda(args: argparse.Namespace) -> str:
     """CUDA EP FP32 and FP16 (mha graph) against torch SDPA on the GPU, B=8, seq 512…8192."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise SystemExit("bench.model_bench: --device cuda needs onnxruntime's CUDAExecutionProvider")
-    with np.load(args.model_dir / "weights.npz") as data:
-        weights = {k: data[k] for k in data.files}
-    config = json.loads((args.model_dir / "config.json").read_text())
+    config, weights = read_model_dir(args.model_dir)
     heads, causal = config["num_heads"], config["causal"]
     sessions = {}
     for name, dtype in (("cuda_fp32", np.float32), ("cuda_fp16", np.float16)):

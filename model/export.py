@@ -135,9 +135,19 @@ def _load_weights(args: argparse.Namespace) -> tuple[Weights, int, dict[str, obj
     )
 
 
+def read_config(model_dir: Path) -> dict:
+    """The config.json of a model directory."""
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def read_model_dir(model_dir: Path) -> tuple[dict, Weights]:
+    """config.json and the weights.npz beside it (names and shapes checked)."""
+    return read_config(model_dir), load_state_dict(Path(model_dir) / "weights.npz")
+
+
 def is_model_dir(path: Path) -> bool:
     try:
-        return json.loads((path / "config.json").read_text()).get("format") == FORMAT
+        return read_config(path).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from model.export import main as export_main
 
 PARITY_MAX_SEQ = 2048
-
-
-def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(model_dir / "weights.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-def load_config(model_dir: Path) -> dict:
-    return json.loads((model_dir / "config.json").read_text())
 
 
 @pytest.fixture(scope="session", params=[False, True], ids=["bidirectional", "causal"])

@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from model.export import read_model_dir
 from model.fused_graphs import build_mha_graph
 from model.reference import reference_attention, relative_l2
 from model.weights import seeded_weights
-from tests.conftest import load_config, load_weights
 
 
 def _cuda_session(model: Path | bytes) -> ort.InferenceSession | None:
@@ -40,8 +40,7 @@ pytestmark = [
 
 
 def test_cuda_routed_graphs_match_reference(exported_model: Path) -> None:
-    config = load_config(exported_model)
-    weights = load_weights(exported_model)
+    config, weights = read_model_dir(exported_model)
     rng = np.random.default_rng(0)
     for variant, tables in config["routing"]["cuda"].items():
         for entry in tables:

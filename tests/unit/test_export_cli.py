@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from model import export as export_module
+from model.export import read_config
 from model.weights import save_npz, seeded_weights
 from tests.unit.test_weights import write_tiny_bert
 
@@ -93,13 +93,13 @@ def test_export_replaces_a_model_directory_and_calibrates(tmp_path: Path) -> Non
     first = run_export("--out", str(out), "--d-model", "32", "--heads", "4", "--max-seq-len", "128")
     assert first.returncode == 0, first.stderr
     assert "routing (cpu" in first.stdout and "measured" in first.stdout
-    config = json.loads((out / "config.json").read_text())
+    config = read_config(out)
     assert config["calibration"]["measured"] is True
     assert set(config["calibration"]["unmasked"]["plain"]) == {"16", "64", "128"}
     assert config["routing"]["cpu"]["unmasked"][-1]["up_to"] == 128
     second = run_export("--out", str(out), "--d-model", "16", "--heads", "2", "--seed", "3", "--no-calibrate")
     assert second.returncode == 0, second.stderr
-    config = json.loads((out / "config.json").read_text())
+    config = read_config(out)
     assert config["d_model"] == 16 and config["weights"] == {"kind": "seeded", "seed": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "no scratch or old directory left behind"
 

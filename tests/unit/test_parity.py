@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.export import read_config, read_model_dir
 from model.reference import reference_attention, relative_l2
 from model.timing import cpu_session
 from model.weights import file_sha256
-from tests.conftest import load_config, load_weights
 
 SEQS = (1, 2, 7, 64, 511, 2048)
 BATCHES = (1, 3)
@@ -30,7 +30,7 @@ def _inputs(batch: int, seq: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_directory_is_complete_and_hashed(exported_model: Path) -> None:
-    config = load_config(exported_model)
+    config = read_config(exported_model)
     on_disk = {p.name for p in exported_model.iterdir()} - {"config.json"}
     assert set(config["files"]) == on_disk
     assert all(file_sha256(exported_model / name) == digest for name, digest in config["files"].items())
@@ -46,8 +46,7 @@ def test_directory_is_complete_and_hashed(exported_model: Path) -> None:
 @pytest.mark.parametrize("seq", SEQS)
 @pytest.mark.parametrize("batch", BATCHES)
 def test_every_graph_matches_reference(exported_model: Path, batch: int, seq: int) -> None:
-    config = load_config(exported_model)
-    weights = load_weights(exported_model)
+    config, weights = read_model_dir(exported_model)
     x, mask = _inputs(batch, seq)
     expected = {
         False: reference_attention(weights, 8, x, None, config["causal"]),
@@ -78,8 +77,7 @@ def test_every_graph_matches_reference(exported_model: Path, batch: int, seq: in
 
 def test_a_wrong_mask_would_be_caught(exported_model: Path) -> None:
     """The checks above can fail: ignoring the mask gives a different answer for padded rows' neighbours."""
-    config = load_config(exported_model)
-    weights = load_weights(exported_model)
+    config, weights = read_model_dir(exported_model)
     x, mask = _inputs(3, 64)
     session = cpu_session(exported_model / config["graphs"]["mha_masked"]["file"], threads=2)
     served = session.run(None, {"hidden_states": x, "attention_mask": mask})[0]

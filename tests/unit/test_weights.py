@@ -158,6 +158,7 @@ def test_minilm_layer5_matches_a_numpy_bert_block(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
     from model.export import main as export_main
+    from model.export import read_config
     from model.reference import relative_l2
     from model.timing import cpu_session
 
@@ -174,7 +175,7 @@ def test_minilm_layer5_matches_a_numpy_bert_block(tmp_path: Path) -> None:
         )
         == 0
     )
-    config = json.loads((out / "config.json").read_text())
+    config = read_config(out)
     assert config["weights"]["layer"] == 5 and config["num_heads"] == 12 and config["d_model"] == 384
     assert config["weights"]["sha256"] == file_sha256(ckpt / "model.safetensors")
     for name in ("plain", "mha"):
