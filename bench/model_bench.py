@@ -42,9 +42,7 @@ def gemm_gflops(threads: int, n: int = 2048) -> float:
     c = onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [n, n])
     graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm", [a, b], [c])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10)
-    with tempfile.NamedTemporaryFile(suffix=".onnx") as f:
-        onnx.save(model, f.name)
-        session = cpu_session(f.name, threads)
+    session = cpu_session(model.SerializeToString(), threads)
     rng = np.random.default_rng(0)
     feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
     session.run(None, feed)

@@ -20,12 +20,14 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_session(path: Path | str, threads: int) -> ort.InferenceSession:
+def cpu_session(model: Path | str | bytes, threads: int) -> ort.InferenceSession:
+    """A CPU session on a model file or serialized ModelProto, with the thread count fixed."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: no per-node warnings in CLI output
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def timed(fn: Callable[[], object]) -> float:

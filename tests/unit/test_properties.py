@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from model.config import AttentionConfig
 from model.fused_graphs import FP16, build_attention23_graph, build_mha_graph
 from model.reference import reference_attention, relative_l2
+from model.timing import cpu_session
 from model.torch_export import build_module
 from model.weights import seeded_weights
 
@@ -41,9 +42,7 @@ def cases(draw: st.DrawFn) -> dict:
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return cpu_session(model.SerializeToString(), threads=1)
 
 
 @settings(max_examples=60, deadline=None)
