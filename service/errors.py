@@ -1,0 +1,47 @@
+"""Typed errors of the core. The gRPC edge turns them into status codes in one place (service/api/status.py)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error we raise on purpose; the message says what was wrong and what is allowed."""
+
+
+class InvalidInput(ServiceError):
+    """The client's request is malformed or outside the limits."""
+
+
+class NotFound(ServiceError):
+    """Unknown model or version."""
+
+
+class Unavailable(ServiceError):
+    """Not ready yet, or draining."""
+
+
+class ResourceExhausted(ServiceError):
+    """A queue or size limit is full; retrying later may work."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed, or cannot be met."""
+
+
+class Cancelled(ServiceError):
+    """The client cancelled the call."""
+
+
+class Unauthenticated(ServiceError):
+    """Missing or wrong credentials."""
+
+
+class ModelDirectoryError(Exception):
+    """The model directory is missing, malformed or does not match its config.json (a start-up failure)."""
+
+
+class ProviderError(Exception):
+    """The requested onnxruntime execution provider cannot be used (a start-up failure)."""
+
+
+class ListenError(Exception):
+    """A port cannot be listened on (a start-up failure)."""

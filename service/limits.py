@@ -1,0 +1,85 @@
+"""The limits a request must respect, checked once in the core for both APIs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InvalidInput
+from service.types import AttentionRequest
+
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    d_model: int
+    num_heads: int
+    max_seq_len: int
+    max_batch_size: int
+    max_weights_seq_len: int
+    max_message_bytes: int
+
+
+def check_request(request: AttentionRequest, limits: Limits) -> None:
+    """Raise InvalidInput naming the field, the value received and what is allowed."""
+    x = request.hidden_states
+    batch, seq, width = x.shape
+    if width != limits.d_model:
+        raise InvalidInput(f"hidden_states: last dimension is {width}; this model's d_model is {limits.d_model}")
+    if not 1 <= seq <= limits.max_seq_len:
+        raise InvalidInput(f"hidden_states: sequence length {seq}; allowed 1..{limits.max_seq_len}")
+    if not 1 <= batch <= limits.max_batch_size:
+        raise InvalidInput(f"hidden_states: batch size {batch}; allowed 1..{limits.max_batch_size}")
+    if not np.isfinite(x).all():
+        # One NaN key poisons the softmax of every query that sees it: refuse rather than answer NaN rows.
+        bad = np.argwhere(~np.isfinite(x))[0].tolist()
+        raise InvalidInput(f"hidden_states: non-finite value (NaN or Inf) at index {bad}; only finite values allowed")
+    if request.mask is not None:
+        _check_mask(request.mask, batch, seq)
+        request.mask = request.mask.astype(np.int32, copy=False)  # the graphs take INT32
+    if request.weights is not None:
+        _check_weights(request, limits)
+    output_bytes = x.size * request.output_dtype.itemsize
+    if output_bytes > limits.max_message_bytes:
+        raise InvalidInput(
+            f"output would be {output_bytes} bytes, over the max message size {limits.max_message_bytes}; "
+            "send fewer or shorter sequences"
+        )
+
+
+def _check_mask(mask: np.ndarray, batch: int, seq: int) -> None:
+    if mask.shape != (batch, seq):
+        raise InvalidInput(f"attention_mask: shape {list(mask.shape)}; must be [batch, seq] = [{batch}, {seq}]")
+    if not np.isin(mask, (0, 1)).all():
+        bad = np.argwhere(~np.isin(mask, (0, 1)))[0].tolist()
+        value = int(mask[tuple(bad)])
+        raise InvalidInput(f"attention_mask: value {value} at index {bad}; allowed 0 (padding) or 1 (real token)")
+
+
+def _check_weights(request: AttentionRequest, limits: Limits) -> None:
+    spec = request.weights
+    assert spec is not None
+    seq = request.seq_len
+    if seq > limits.max_weights_seq_len:
+        raise InvalidInput(
+            f"attention weights: sequence length {seq} is over max_weights_seq_len {limits.max_weights_seq_len} "
+            "(weights are [batch, heads, seq, seq]); ask without weights or send a shorter sequence"
+        )
+    for position in spec.positions or ():
+        if not 0 <= position < seq:
+            raise InvalidInput(f"weights.positions: {position} is out of range; allowed 0..{seq - 1}")
+    if spec.positions is not None and not spec.positions:
+        raise InvalidInput("weights.positions: empty; name at least one query position (or ask for all)")
+    if not 0 <= spec.top_k <= seq:
+        raise InvalidInput(f"weights.top_k: {spec.top_k}; allowed 0 (full rows) .. {seq} (the sequence length)")
+    rows = len(spec.positions) if spec.positions is not None else seq
+    heads = 1 if spec.average_heads else limits.num_heads
+    per_row = spec.top_k * 2 if spec.top_k else seq
+    weights_bytes = request.batch_size * heads * rows * per_row * FP32_BYTES
+    if weights_bytes > limits.max_message_bytes:
+        raise InvalidInput(
+            f"attention weights would be {weights_bytes} bytes, over the max message size "
+            f"{limits.max_message_bytes}; ask for fewer positions, averaged heads or top_k"
+        )

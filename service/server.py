@@ -1,0 +1,180 @@
+"""Assembly: engine, batcher and core; the aio server with servicers, health, reflection, auth and TLS; drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from service._pb.attnserve.v1 import attention_pb2, attention_pb2_grpc
+from service._pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from service.api.interceptors import BearerTokenInterceptor
+from service.api.kserve import KServeServicer
+from service.api.v1 import AttentionServicer
+from service.batcher import Batcher
+from service.dataplane import DataPlane
+from service.engine import Engine
+from service.errors import ListenError
+from service.limits import Limits
+from service.metrics import Metrics
+from service.model_dir import load_model_directory
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    attention_pb2.DESCRIPTOR.services_by_name["AttentionService"].full_name,
+)
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+HEALTH_NAMES = ("", *SERVICE_NAMES)  # "" is the whole server
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _reflection_v1(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
+    """grpcio-reflection ships v1alpha only; v1 has the same messages under a new name, so serve both."""
+    servicer = reflection.aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler})]
+    )
+
+
+def _channel_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1e3)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1e3)),
+        # Let clients keep idle connections alive with pings every 10 s without being sent GOAWAY.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silent share
+    ]
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class AttnServer:
+    """The whole service; `start`, then `drain` (on SIGTERM) or `stop`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        model = load_model_directory(settings.model_dir)
+        self.engine = Engine(model, settings.provider, settings.intra_op_threads, settings.allow_spinning)
+        log.info(
+            "provider %s: %s; %d intra-op threads",
+            self.engine.provider,
+            self.engine.provider_reason,
+            self.engine.intra_op_threads,
+        )
+        max_seq = min(settings.max_seq_len or model.max_seq_len, model.max_seq_len)
+        self.limits = Limits(
+            d_model=model.d_model,
+            num_heads=model.num_heads,
+            max_seq_len=max_seq,
+            max_batch_size=settings.max_batch_size,
+            max_weights_seq_len=min(settings.max_weights_seq_len, max_seq),
+            max_message_bytes=settings.max_message_bytes,
+        )
+        self.batcher = Batcher(self.engine, settings.engine_workers)
+        self.dataplane = DataPlane(self.batcher, self.limits)
+        self.metrics = Metrics()
+        self.metrics.set_model_info(model.d_model, model.num_heads, self.engine.provider, model.weights_sha256)
+        self.health = health_aio.HealthServicer()
+        token = settings.bearer_token()
+        interceptors = [BearerTokenInterceptor(token)] if token else []
+        self.server = grpc.aio.server(options=_channel_options(settings), interceptors=interceptors)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.dataplane, self.engine, settings), self.server
+        )
+        attention_pb2_grpc.add_AttentionServiceServicer_to_server(
+            AttentionServicer(self.dataplane, self.engine, settings.model_name), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+            REFLECTION_V1,
+        )
+        reflection.enable_server_reflection(names, self.server)
+        _reflection_v1(self.server, names)
+        self.grpc_port = 0
+        self.metrics_port = 0
+
+    async def start(self) -> None:
+        """Listen (health NOT_SERVING), warm up, then report ready."""
+        for name in HEALTH_NAMES:
+            await self.health.set(name, NOT_SERVING)
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        credentials = _credentials(self.settings)
+        try:
+            if credentials is None:
+                self.grpc_port = self.server.add_insecure_port(address)
+            else:
+                self.grpc_port = self.server.add_secure_port(address, credentials)
+        except RuntimeError as e:  # grpcio's way of saying the port is taken
+            raise ListenError(f"gRPC cannot listen on {address}: {e}") from None
+        try:
+            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+        except OSError as e:
+            raise ListenError(
+                f"metrics cannot listen on {self.settings.host}:{self.settings.metrics_port}: {e}"
+            ) from None
+        await self.server.start()
+        if self.settings.warmup:
+            seconds = await asyncio.to_thread(self.engine.warm_up, self.limits.max_weights_seq_len)
+            log.info("warm-up done in %.2f s", seconds)
+        self.dataplane.ready = True
+        for name in HEALTH_NAMES:
+            await self.health.set(name, SERVING)
+        log.info(
+            "attnserve ready: grpc %s:%d (%s), metrics :%d, model %s, provider %s",
+            self.settings.host,
+            self.grpc_port,
+            "tls" if credentials else "plaintext",
+            self.metrics_port,
+            self.settings.model_dir,
+            self.engine.provider,
+        )
+
+    async def drain(self) -> bool:
+        """Stop taking work, let in-flight requests finish within the grace period, stop. True if all finished."""
+        started = time.monotonic()
+        self.dataplane.ready = False  # new requests: UNAVAILABLE; ServerReady: false
+        await self.health.enter_graceful_shutdown()
+        inflight = self.dataplane.inflight
+        finished = await self.dataplane.wait_idle(self.settings.drain_grace_s)
+        log.info(
+            "drain: %d in flight at SIGTERM, %s after %.2f s",
+            inflight,
+            "all finished" if finished else "grace period over",
+            time.monotonic() - started,
+        )
+        await self.stop()
+        return finished
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=1.0)  # answers already computed still go out
+        await asyncio.to_thread(self.batcher.close)
+        self.metrics.close()

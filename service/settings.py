@@ -1,0 +1,88 @@
+"""One typed Settings object: defaults, then ATTNSERVE_* environment variables, then command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Large enough for batch 8 × seq 2048 × d_model 512 in FP32 (32 MiB) with room for the envelope.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Each field is also `--field-name` on the command line and ATTNSERVE_FIELD_NAME."""
+
+    model_config = SettingsConfigDict(env_prefix="ATTNSERVE_", extra="forbid")
+
+    model_dir: Path = Field(Path("models/attention"), description="model directory written by `python -m model.export`")
+    model_name: str = Field("attention", description="model name on the KServe v2 API")
+    host: str = Field("0.0.0.0", description="address the gRPC and metrics servers bind")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)")
+
+    provider: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="onnxruntime execution provider; auto takes CUDA when a session on it initialises"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per run; 0 = one per CPU core")
+    engine_workers: int = Field(1, ge=1, description="runs in flight at once on the engine")
+    allow_spinning: bool = Field(
+        False, description="onnxruntime intra-op threads spin between ops: lower latency alone, less throughput shared"
+    )
+    warmup: bool = Field(True, description="run every graph over the sequence buckets before reporting ready")
+
+    max_batch_size: int = Field(8, ge=1, description="most sequences in one request")
+    max_seq_len: int = Field(0, ge=0, description="longest sequence accepted; 0 = the model's max_seq_len")
+    max_weights_seq_len: int = Field(
+        1024, ge=1, description="longest sequence for which attention weights are computed ([batch, heads, seq, seq])"
+    )
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="largest gRPC message, both ways")
+    max_queue_delay_us: int = Field(0, ge=0, description="dynamic batching: longest wait for a fuller batch")
+
+    keepalive_time_s: float = Field(30.0, gt=0, description="server keepalive ping interval")
+    keepalive_timeout_s: float = Field(10.0, gt=0, description="close a connection whose ping goes unanswered")
+    drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight calls get to finish")
+
+    tls_cert: Path | None = Field(None, description="PEM server certificate; with tls_key turns TLS on")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a cert it signed"
+    )
+    auth_token: str | None = Field(None, description="bearer token required in `authorization` metadata")
+    auth_token_file: Path | None = Field(None, description="file holding the bearer token (wins over auth_token)")
+
+    log_level: str = Field("INFO", description="logging level")
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        return self
+
+    def bearer_token(self) -> str | None:
+        """The token clients must send, read from auth_token_file when set."""
+        if self.auth_token_file is not None:
+            return self.auth_token_file.read_text().strip()
+        return self.auth_token
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from the environment, overridden by any flag given in argv."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="attnserve: multi-head attention over gRPC (KServe v2 + attnserve.v1)",
+        epilog="Every flag is also an environment variable: ATTNSERVE_<FLAG_NAME>.",
+    )
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(_flag(name), dest=name, default=None, help=field.description)
+    args = parser.parse_args(argv)
+    return Settings(**{name: value for name, value in vars(args).items() if value is not None})

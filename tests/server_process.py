@@ -1,0 +1,90 @@
+"""Start the real service (`python -m service`) in a subprocess on loopback and find its ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+) \((\w+)\), metrics :(\d+)")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    grpc_port: int
+    metrics_port: int
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return "".join(self.log_lines)
+
+    def terminate(self) -> None:
+        """SIGTERM: the server drains and exits."""
+        self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float = 60.0) -> int:
+        return self.process.wait(timeout_s)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.terminate()
+            try:
+                return self.wait()
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def server_command(model_dir: Path, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "service", "--model-dir", str(model_dir),
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *args,
+    ]  # fmt: skip
+
+
+def start_server(
+    model_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0
+) -> ServerProcess:
+    """Launch, wait for the ready line (after warm-up), return the ports; raise with the log if it dies."""
+    process = subprocess.Popen(
+        server_command(model_dir, *args),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    lines: list[str] = []
+    found: list[re.Match[str]] = []
+    ready = threading.Event()
+
+    def pump() -> None:  # keeps reading after ready, so the pipe never fills and blocks the server
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if not found and (match := READY.search(line)):
+                found.append(match)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not ready.wait(0.1):
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("server not ready in time:\n" + "".join(lines))
+    if not found:
+        process.wait(10)
+        raise RuntimeError(f"server exited with {process.returncode} before ready:\n" + "".join(lines))
+    return ServerProcess(process, int(found[0].group(1)), int(found[0].group(3)), lines)
