@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from service import __version__
 from service._pb.attnserve.v1 import attention_pb2 as pb
 from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape
-from service.engine import Engine
 from service.errors import InvalidInput
 from service.limits import Limits
 from service.types import AttentionRequest, AttentionResult, WeightsSpec
+
+if TYPE_CHECKING:  # the client imports this module and needs no onnxruntime
+    from service.engine import Engine
 
 # attnserve.v1.DataType <-> numpy.
 DTYPES: dict[int, np.dtype] = {
