@@ -32,18 +32,19 @@ class DataPlane:
         self._idle.clear()
         try:
             check_request(request, self.limits)
+            checked = time.perf_counter()
             engine_output, queue_s = await self.batcher.submit(request)
+            shaping = time.perf_counter()
             output = engine_output.output
             if output.dtype != request.output_dtype:
                 output = output.astype(request.output_dtype)
             weights = None
             if request.weights is not None and engine_output.probs is not None:
                 weights = select_weights(engine_output.probs, request.weights)
-            total_s = time.perf_counter() - arrived
-            self.stats.record_success(request.batch_size, queue_s, engine_output.compute_s, total_s)
-            return AttentionResult(
-                output, weights, engine_output.graph, Timing(queue_s, engine_output.compute_s, total_s)
-            )
+            done = time.perf_counter()
+            timing = Timing(queue_s, engine_output.compute_s, done - arrived)
+            self.stats.record_success(request.batch_size, timing, checked - arrived, done - shaping)
+            return AttentionResult(output, weights, engine_output.graph, timing)
         except Exception:  # typed or not, a failed request is counted
             self.stats.record_failure(time.perf_counter() - arrived)
             raise

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from service.types import Timing
+
 
 @dataclass
 class Duration:
@@ -23,19 +25,24 @@ class ModelStats:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
-    compute_infer: Duration = field(default_factory=Duration)
+    # Triton's three compute phases; perf_analyzer requires their counts to be equal.
+    compute_input: Duration = field(default_factory=Duration)  # checking the request's values
+    compute_infer: Duration = field(default_factory=Duration)  # the onnxruntime run
+    compute_output: Duration = field(default_factory=Duration)  # casting the output, cutting out weights
     inference_count: int = 0  # sequences answered
     execution_count: int = 0  # engine runs
     last_inference_ms: int = 0  # wall clock, ms since the epoch
     compute_by_batch: dict[int, Duration] = field(default_factory=dict)  # batch size -> engine runs of that size
 
-    def record_success(self, sequences: int, queue_s: float, compute_s: float, total_s: float) -> None:
-        self.success.add(total_s)
-        self.queue.add(queue_s)
-        self.compute_infer.add(compute_s)
+    def record_success(self, sequences: int, timing: Timing, input_s: float, output_s: float) -> None:
+        self.success.add(timing.total_s)
+        self.queue.add(timing.queue_s)
+        self.compute_input.add(input_s)
+        self.compute_infer.add(timing.compute_s)
+        self.compute_output.add(output_s)
         self.inference_count += sequences
         self.execution_count += 1
-        self.compute_by_batch.setdefault(sequences, Duration()).add(compute_s)
+        self.compute_by_batch.setdefault(sequences, Duration()).add(timing.compute_s)
         self.last_inference_ms = int(time.time() * 1e3)
 
     def record_failure(self, total_s: float) -> None:

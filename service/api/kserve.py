@@ -56,8 +56,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         codec.check_model(request.name, request.version, self.name)
-        model = self.engine.model
-        return codec.model_metadata(self.name, model.d_model, model.num_heads)
+        return codec.model_metadata(self.name, self.engine.model.d_model)
 
     @grpc_errors
     async def ModelConfig(

@@ -105,7 +105,7 @@ def infer_response_to_pb(call: InferCall, result: AttentionResult, served: str) 
     return response
 
 
-def model_metadata(served: str, d_model: int, num_heads: int) -> pb.ModelMetadataResponse:
+def model_metadata(served: str, d_model: int) -> pb.ModelMetadataResponse:
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=served,
@@ -115,10 +115,10 @@ def model_metadata(served: str, d_model: int, num_heads: int) -> pb.ModelMetadat
             tensor(name=INPUT, datatype="FP32", shape=[-1, -1, d_model]),
             tensor(name=MASK, datatype="INT32", shape=[-1, -1]),
         ],
-        outputs=[
-            tensor(name=OUTPUT, datatype="FP32", shape=[-1, -1, d_model]),
-            tensor(name=WEIGHTS_OUTPUT, datatype="FP32", shape=[-1, num_heads, -1, -1]),
-        ],
+        # attention_weights is left out on purpose: perf_analyzer (and other generic clients) request every
+        # output the metadata lists, which would turn every benchmark into a [batch, heads, seq, seq] weights
+        # run. ModelConfig's parameters describe it, and any client that names it in `outputs` gets it.
+        outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, -1, d_model])],
     )
 
 
@@ -137,10 +137,14 @@ def model_config(
             config_pb.ModelInput(name=INPUT, data_type=fp32, dims=[-1, d_model]),
             config_pb.ModelInput(name=MASK, data_type=config_pb.TYPE_INT32, dims=[-1], optional=True),
         ],
-        output=[
-            config_pb.ModelOutput(name=OUTPUT, data_type=fp32, dims=[-1, d_model]),
-            config_pb.ModelOutput(name=WEIGHTS_OUTPUT, data_type=fp32, dims=[num_heads, -1, -1]),
-        ],
+        # Like the metadata, lists only `output` (perf_analyzer requires the two to agree); the weights output
+        # is described in `parameters` and served to clients that name it.
+        output=[config_pb.ModelOutput(name=OUTPUT, data_type=fp32, dims=[-1, d_model])],
+        parameters={
+            "optional_outputs": config_pb.ModelParameter(
+                string_value=f"{WEIGHTS_OUTPUT}: FP32 [batch, {num_heads}, seq, seq], returned when named in outputs"
+            )
+        },
         dynamic_batching=config_pb.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us),
         instance_group=[group(kind=group.KIND_GPU if gpu else group.KIND_CPU, count=instances)],
     )
@@ -157,7 +161,9 @@ def model_statistics(served: str, stats: ModelStats) -> pb.ModelStatisticsRespon
         success=_duration(stats.success),
         fail=_duration(stats.fail),
         queue=_duration(stats.queue),
+        compute_input=_duration(stats.compute_input),
         compute_infer=_duration(stats.compute_infer),
+        compute_output=_duration(stats.compute_output),
     )
     batches = [
         pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(duration))

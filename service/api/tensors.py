@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,6 +17,9 @@ WIRE_DTYPES: dict[str, np.dtype] = {
     "INT64": np.dtype("<i8"),
     "BOOL": np.dtype("?"),
 }
+# gRPC messages stay under 2 GiB, so no tensor that can arrive has more elements; larger shapes (possible only
+# with a zero dimension beside them) are refused before numpy is asked to make them and overflows.
+MAX_ELEMENTS = 2**31
 
 
 def check_shape(field: str, shape: Sequence[int], names: Sequence[str]) -> tuple[int, ...]:
@@ -25,12 +29,16 @@ def check_shape(field: str, shape: Sequence[int], names: Sequence[str]) -> tuple
         raise InvalidInput(f"{field}: shape {list(dims)} has rank {len(dims)}; expected [{', '.join(names)}]")
     if any(d < 0 for d in dims):
         raise InvalidInput(f"{field}: shape {list(dims)} has a negative dimension; dimensions must be ≥ 0")
+    if math.prod(d for d in dims if d) > MAX_ELEMENTS:
+        raise InvalidInput(
+            f"{field}: shape {list(dims)} is too large; its nonzero dimensions may multiply to at most {MAX_ELEMENTS}"
+        )
     return dims
 
 
 def array_from_bytes(field: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A zero-copy read-only view of little-endian row-major bytes, after checking their count."""
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
             f"{field}: {len(data)} bytes received; shape {list(shape)} of {dtype_name(dtype)} needs {expected}"

@@ -56,7 +56,10 @@ def attend_request_from_pb(message: pb.AttendRequest) -> AttentionRequest:
         if (lengths > seq).any():
             index = int(np.argmax(lengths > seq))
             raise InvalidInput(f"lengths[{index}]: {int(lengths[index])}; allowed 0..{seq} (the sequence length)")
-        mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+        # An empty tensor (a zero dimension) is refused by check_request; building its [batch, seq] mask could
+        # cost gigabytes for a few bytes of request (shape [1, 2**31, 0]), so it gets none.
+        if x.size:
+            mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
     weights = None
     if message.HasField("weights"):
         spec = message.weights
