@@ -137,6 +137,41 @@ def stream_request(index: int, item: StreamRequest) -> pb.AttendRequest:
     return attend_request(item.hidden_states, item.lengths, item.weights, item.id or str(index))
 
 
+class StreamEncoder:
+    """The messages of one AttendStream call. An error while iterating or encoding the requests does not cancel
+    the call (gRPC would swallow it): it ends the request stream, the requests before it are still answered, and
+    `check()` re-raises it after the last answer."""
+
+    def __init__(self, requests: Iterable[StreamRequest] | AsyncIterable[StreamRequest]) -> None:
+        self.requests = requests
+        self.error: Exception | None = None
+
+    def messages(self) -> Iterator[pb.AttendRequest]:
+        assert isinstance(self.requests, Iterable)
+        try:
+            for index, item in enumerate(self.requests):
+                yield stream_request(index, item)
+        except Exception as error:
+            self.error = error
+
+    async def async_messages(self) -> AsyncIterator[pb.AttendRequest]:
+        if not isinstance(self.requests, AsyncIterable):
+            for message in self.messages():
+                yield message
+            return
+        index = 0
+        try:
+            async for item in self.requests:
+                yield stream_request(index, item)
+                index += 1
+        except Exception as error:
+            self.error = error
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def stream_answer(response: pb.AttendStreamResponse) -> StreamAnswer:
     if response.HasField("error"):
         code = _STATUS_CODES.get(response.error.code, grpc.StatusCode.UNKNOWN)
@@ -170,7 +205,7 @@ def channel_options(max_message_bytes: int, tls_server_name: str | None) -> list
 
 
 class _ClientBase:
-    """Settings shared by both clients; subclasses open the channel."""
+    """Options shared by both clients (see the module docstring); subclasses open the channel, sync or aio."""
 
     def __init__(
         self,
@@ -189,6 +224,11 @@ class _ClientBase:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._credentials = channel_credentials(tls_ca, tls_cert, tls_key)
         self._options = channel_options(max_message_bytes, tls_server_name)
+        self.channel = self._open_channel()
+        self._stub = pb_grpc.AttentionServiceStub(self.channel)
+
+    def _open_channel(self) -> Any:
+        raise NotImplementedError
 
     def _call(self, timeout_s: float | None = None) -> dict[str, Any]:
         """Keyword arguments of every stub call: metadata and deadline."""
@@ -198,13 +238,10 @@ class _ClientBase:
 class AttentionClient(_ClientBase):
     """Blocking client. Every method may raise grpc.RpcError; use it as a context manager or call close()."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, **options: Any) -> None:
-        super().__init__(target, **options)
+    def _open_channel(self) -> grpc.Channel:
         if self._credentials is None:
-            self.channel = grpc.insecure_channel(target, options=self._options)
-        else:
-            self.channel = grpc.secure_channel(target, self._credentials, options=self._options)
-        self._stub = pb_grpc.AttentionServiceStub(self.channel)
+            return grpc.insecure_channel(self.target, options=self._options)
+        return grpc.secure_channel(self.target, self._credentials, options=self._options)
 
     def info(self, *, timeout_s: float | None = None) -> pb.ModelInfo:
         """The served model, the server's limits and routes."""
@@ -226,14 +263,18 @@ class AttentionClient(_ClientBase):
     def attend_stream(
         self, requests: Iterable[StreamRequest], *, timeout_s: float | None = None
     ) -> Iterator[StreamAnswer]:
-        """(id, AttendResult or StreamError) per request, in completion order, over one AttendStream call."""
-        messages = (stream_request(i, item) for i, item in enumerate(requests))
-        call = self._stub.AttendStream(messages, **self._call(timeout_s))
+        """(id, AttendResult or StreamError) per request, in completion order, over one AttendStream call.
+
+        A request that cannot be sent (say a float64 array) ends the stream: the requests before it are answered,
+        then its error is raised (see StreamEncoder)."""
+        encoder = StreamEncoder(requests)
+        call = self._stub.AttendStream(encoder.messages(), **self._call(timeout_s))
         try:
             for response in call:
                 yield stream_answer(response)
         finally:
             call.cancel()  # a no-op once finished; ends the call when the caller stops early
+        encoder.check()
 
     def close(self) -> None:
         self.channel.close()
@@ -248,13 +289,10 @@ class AttentionClient(_ClientBase):
 class AsyncAttentionClient(_ClientBase):
     """grpc.aio client, same API with `await`; create it inside the running event loop."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, **options: Any) -> None:
-        super().__init__(target, **options)
+    def _open_channel(self) -> grpc.aio.Channel:
         if self._credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=self._options)
-        else:
-            self.channel = grpc.aio.secure_channel(target, self._credentials, options=self._options)
-        self._stub = pb_grpc.AttentionServiceStub(self.channel)
+            return grpc.aio.insecure_channel(self.target, options=self._options)
+        return grpc.aio.secure_channel(self.target, self._credentials, options=self._options)
 
     async def info(self, *, timeout_s: float | None = None) -> pb.ModelInfo:
         """The served model, the server's limits and routes."""
@@ -276,13 +314,18 @@ class AsyncAttentionClient(_ClientBase):
     async def attend_stream(
         self, requests: Iterable[StreamRequest] | AsyncIterable[StreamRequest], *, timeout_s: float | None = None
     ) -> AsyncIterator[StreamAnswer]:
-        """(id, AttendResult or StreamError) per request, in completion order, over one AttendStream call."""
-        call = self._stub.AttendStream(_stream_messages(requests), **self._call(timeout_s))
+        """(id, AttendResult or StreamError) per request, in completion order, over one AttendStream call.
+
+        A request that cannot be sent (say a float64 array) ends the stream: the requests before it are answered,
+        then its error is raised (see StreamEncoder)."""
+        encoder = StreamEncoder(requests)
+        call = self._stub.AttendStream(encoder.async_messages(), **self._call(timeout_s))
         try:
             async for response in call:
                 yield stream_answer(response)
         finally:
             call.cancel()  # a no-op once finished; ends the call when the caller stops early
+        encoder.check()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -294,17 +337,6 @@ class AsyncAttentionClient(_ClientBase):
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         await self.close()
-
-
-async def _stream_messages(requests: Iterable[StreamRequest] | AsyncIterable[StreamRequest]) -> AsyncIterator:
-    if isinstance(requests, AsyncIterable):
-        index = 0
-        async for item in requests:
-            yield stream_request(index, item)
-            index += 1
-    else:
-        for index, item in enumerate(requests):
-            yield stream_request(index, item)
 
 
 # The attnserve-client CLI.
@@ -460,7 +492,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
     except UsageError as error:
-        parser.print_usage(sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as error:  # unreadable TLS or token file, cert without key

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import platform
 import threading
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Info, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, Info, start_http_server
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -29,6 +30,9 @@ class Metrics:
         self.build_info = Info("attnserve_build", "attnserve build", registry=self.registry)
         self.build_info.info({"version": __version__, "python": platform.python_version()})
         self.model_info = Info("attnserve_model", "the served model", registry=self.registry)
+        self.inflight = Gauge(
+            "attnserve_inflight_requests", "requests accepted and not yet answered", registry=self.registry
+        )
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -36,6 +40,10 @@ class Metrics:
         self.model_info.info(
             {"d_model": str(d_model), "heads": str(heads), "provider": provider, "weights_sha256": weights_sha256}
         )
+
+    def track_inflight(self, count: Callable[[], float]) -> None:
+        """Read the in-flight count at scrape time from the core (no update on the request path)."""
+        self.inflight.set_function(count)
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics in a thread of its own; returns the port (port 0 picks a free one)."""

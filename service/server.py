@@ -100,6 +100,7 @@ class AttnServer:
         self.dataplane = DataPlane(self.batcher, self.limits)
         self.metrics = Metrics()
         self.metrics.set_model_info(model.d_model, model.num_heads, self.engine.provider, model.weights_sha256)
+        self.metrics.track_inflight(lambda: self.dataplane.inflight)
         self.health = health_aio.HealthServicer()
         token = settings.bearer_token()
         interceptors = [BearerTokenInterceptor(token)] if token else []

