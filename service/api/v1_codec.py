@@ -27,7 +27,9 @@ HIDDEN_DTYPES = (pb.FP32, pb.FP16)
 
 def tensor_to_pb(array: np.ndarray) -> pb.Tensor:
     little = array.dtype.newbyteorder("<")
-    dtype = next(code for code, dt in DTYPES.items() if dt == little)
+    dtype = next((code for code, dt in DTYPES.items() if dt == little), None)
+    if dtype is None:
+        raise TypeError(f"{array.dtype} cannot travel as an attnserve.v1 Tensor; use float32, float16 or int32")
     return pb.Tensor(dtype=dtype, shape=array.shape, data=np.ascontiguousarray(array, little).tobytes())
 
 
