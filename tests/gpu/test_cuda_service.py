@@ -1,0 +1,49 @@
+"""On a CUDA machine: the service picks CUDA by itself, serves through IO binding, and matches the reference.
+
+CI has no GPU: these skip unless onnxruntime's CUDA provider actually initialises.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.export import read_model_dir
+from model.fused_graphs import build_mha_graph
+from model.reference import reference_attention, relative_l2
+from model.weights import seeded_weights
+from service.client import AttentionClient, WeightsQuery
+from tests.gpu.test_cuda_graphs import _cuda_session
+from tests.server_process import start_server
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        _cuda_session(build_mha_graph(seeded_weights(8), 2, False, False).SerializeToString()) is None,
+        reason="no usable CUDA execution provider here",
+    ),
+]
+
+
+@pytest.mark.parametrize("provider", ["auto", "cuda"])
+def test_service_on_cuda_matches_the_reference(served_model: Path, provider: str) -> None:
+    config, weights = read_model_dir(served_model)
+    process = start_server(served_model, "--provider", provider)
+    try:
+        assert "provider cuda: a session on CUDAExecutionProvider initialised" in process.log()
+        x = np.random.default_rng(0).standard_normal((2, 300, config["d_model"]), dtype=np.float32)
+        with AttentionClient(process.address, timeout_s=60) as client:
+            assert client.info().provider == "cuda"
+            full = client.attend(x)
+            padded = client.attend(x, lengths=[300, 120], weights=WeightsQuery(positions=(5,)))
+        expected, _ = reference_attention(weights, config["num_heads"], x, None, config["causal"])
+        assert relative_l2(full.output, expected) <= 1e-4  # TF32/fused kernels on the GPU: a looser bound
+        mask = np.ones((2, 300), np.int32)
+        mask[1, 120:] = 0
+        expected_masked, probs = reference_attention(weights, config["num_heads"], x, mask, config["causal"])
+        assert relative_l2(padded.output, expected_masked) <= 1e-4
+        assert relative_l2(padded.weights, probs[:, :, [5], :]) <= 1e-4
+    finally:
+        assert process.stop() == 0
