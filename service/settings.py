@@ -40,7 +40,6 @@ class Settings(BaseSettings):
         1024, ge=1, description="longest sequence for which attention weights are computed ([batch, heads, seq, seq])"
     )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="largest gRPC message, both ways")
-    max_queue_delay_us: int = Field(0, ge=0, description="dynamic batching: longest wait for a fuller batch")
 
     keepalive_time_s: float = Field(30.0, gt=0, description="server keepalive ping interval")
     keepalive_timeout_s: float = Field(10.0, gt=0, description="close a connection whose ping goes unanswered")
@@ -83,6 +82,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         epilog="Every flag is also an environment variable: ATTNSERVE_<FLAG_NAME>.",
     )
     for name, field in Settings.model_fields.items():
-        parser.add_argument(_flag(name), dest=name, default=None, help=field.description)
+        parser.add_argument(
+            _flag(name), dest=name, default=None, help=f"{field.description} (default: {field.default})"
+        )
     args = parser.parse_args(argv)
     return Settings(**{name: value for name, value in vars(args).items() if value is not None})

@@ -69,7 +69,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.d_model,
             model.num_heads,
             self.settings.max_batch_size,
-            self.settings.max_queue_delay_us,
             gpu=self.engine.provider == "cuda",
             instances=self.settings.engine_workers,
         )

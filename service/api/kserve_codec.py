@@ -123,9 +123,12 @@ def model_metadata(served: str, d_model: int) -> pb.ModelMetadataResponse:
 
 
 def model_config(
-    served: str, d_model: int, num_heads: int, max_batch_size: int, max_queue_delay_us: int, gpu: bool, instances: int
+    served: str, d_model: int, num_heads: int, max_batch_size: int, gpu: bool, instances: int
 ) -> pb.ModelConfigResponse:
-    """Triton's ModelConfig: dims exclude the batch dimension because max_batch_size > 0."""
+    """Triton's ModelConfig: dims exclude the batch dimension because max_batch_size > 0.
+
+    No `dynamic_batching` yet: each request runs as the batch its client sent, and the config says so.
+    """
     fp32 = config_pb.TYPE_FP32
     group = config_pb.ModelInstanceGroup
     config = config_pb.ModelConfig(
@@ -145,7 +148,6 @@ def model_config(
                 string_value=f"{WEIGHTS_OUTPUT}: FP32 [batch, {num_heads}, seq, seq], returned when named in outputs"
             )
         },
-        dynamic_batching=config_pb.ModelDynamicBatching(max_queue_delay_microseconds=max_queue_delay_us),
         instance_group=[group(kind=group.KIND_GPU if gpu else group.KIND_CPU, count=instances)],
     )
     return pb.ModelConfigResponse(config=config)

@@ -79,7 +79,7 @@ def test_tritonclient_unchanged(server: ServerProcess, reference_model: tuple, t
     model_config = facts["config"]
     assert model_config["max_batch_size"] == 8
     assert model_config["input"][0]["dims"] == ["-1", str(config["d_model"])]
-    assert "dynamic_batching" in model_config
+    assert "dynamic_batching" not in model_config  # no server-side batching yet: the config must not claim it
     assert "statistics" in facts["server"]["extensions"]
     assert facts["id"] == "req-42"
     assert facts["plain_outputs"] == ["output"]
