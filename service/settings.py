@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     allow_spinning: bool = Field(
         False, description="onnxruntime intra-op threads spin between ops: lower latency alone, less throughput shared"
     )
+    keep_freed_memory: bool = Field(
+        True, description="glibc: keep freed buffers for reuse (fast big tensors; RSS stays at its high-water mark)"
+    )
     warmup: bool = Field(True, description="run every graph over the sequence buckets before reporting ready")
 
     max_batch_size: int = Field(8, ge=1, description="most sequences in one request")

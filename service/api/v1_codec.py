@@ -25,12 +25,20 @@ DTYPES: dict[int, np.dtype] = {
 HIDDEN_DTYPES = (pb.FP32, pb.FP16)
 
 
-def tensor_to_pb(array: np.ndarray) -> pb.Tensor:
+def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> pb.Tensor:
+    """Write `array` into a Tensor field in place (building a Tensor and assigning it would copy the bytes again)."""
     little = array.dtype.newbyteorder("<")
     dtype = next((code for code, dt in DTYPES.items() if dt == little), None)
     if dtype is None:
         raise TypeError(f"{array.dtype} cannot travel as an attnserve.v1 Tensor; use float32, float16 or int32")
-    return pb.Tensor(dtype=dtype, shape=array.shape, data=np.ascontiguousarray(array, little).tobytes())
+    tensor.dtype = dtype
+    tensor.shape[:] = array.shape
+    tensor.data = np.ascontiguousarray(array, little).tobytes()
+    return tensor
+
+
+def tensor_to_pb(array: np.ndarray) -> pb.Tensor:
+    return fill_tensor(pb.Tensor(), array)
 
 
 def tensor_from_pb(field: str, tensor: pb.Tensor, names: tuple[str, ...], allowed: tuple[int, ...]) -> np.ndarray:
@@ -71,21 +79,18 @@ def attend_request_from_pb(message: pb.AttendRequest) -> AttentionRequest:
 
 
 def attend_response_to_pb(request: AttentionRequest, result: AttentionResult) -> pb.AttendResponse:
-    timing = pb.Timing(
-        queue_us=round(result.timing.queue_s * 1e6),
-        compute_us=round(result.timing.compute_s * 1e6),
-        total_us=round(result.timing.total_s * 1e6),
-    )
-    response = pb.AttendResponse(
-        id=request.request_id, output=tensor_to_pb(result.output), timing=timing, graph=result.graph
-    )
+    response = pb.AttendResponse(id=request.request_id, graph=result.graph)
+    response.timing.queue_us = round(result.timing.queue_s * 1e6)
+    response.timing.compute_us = round(result.timing.compute_s * 1e6)
+    response.timing.total_us = round(result.timing.total_s * 1e6)
+    fill_tensor(response.output, result.output)
     if result.weights is not None:
         w = result.weights
         response.weights.positions.extend(w.positions)
         response.weights.averaged = w.averaged
-        response.weights.values.CopyFrom(tensor_to_pb(w.values))
+        fill_tensor(response.weights.values, w.values)
         if w.indices is not None:
-            response.weights.indices.CopyFrom(tensor_to_pb(w.indices))
+            fill_tensor(response.weights.indices, w.indices)
     return response
 
 

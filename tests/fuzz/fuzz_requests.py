@@ -38,7 +38,7 @@ from service._pb.inference import grpc_service_pb2 as kserve_pb
 from service.api import kserve_codec, v1_codec
 from service.api.tensors import WIRE_DTYPES
 from service.errors import ServiceError
-from service.limits import Limits, check_request
+from service.limits import Limits, check_finite, check_request
 from service.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings
 from service.types import AttentionRequest
 
@@ -90,7 +90,7 @@ DIMS, HIDDEN_DIMS = _dim_pools()
 
 
 def check_accepted(request: AttentionRequest, limits: Limits) -> None:
-    """What the batcher and engine rely on once check_request has passed."""
+    """What the batcher and engine rely on once check_request and check_finite have passed."""
     x = request.hidden_states
     assert x.dtype == np.float32 and x.ndim == 3, (x.dtype, x.shape)
     batch, seq, width = x.shape
@@ -114,6 +114,7 @@ def check_kserve(message: kserve_pb.ModelInferRequest, served: str = SERVED) -> 
             call = kserve_codec.infer_request_from_pb(message, served)
             assert call.outputs and set(call.outputs) <= set(kserve_codec.OUTPUT_NAMES)
             check_request(call.request, limits)
+            check_finite(call.request.hidden_states)  # in the engine thread, before compute
         except ServiceError as error:
             assert str(error), f"{type(error).__name__} without a message"
             continue
@@ -126,6 +127,7 @@ def check_v1(message: v1_pb.AttendRequest) -> None:
         try:
             request = v1_codec.attend_request_from_pb(message)
             check_request(request, limits)
+            check_finite(request.hidden_states)  # in the engine thread, before compute
         except ServiceError as error:
             assert str(error), f"{type(error).__name__} without a message"
             continue

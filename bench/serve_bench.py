@@ -1,0 +1,723 @@
+"""`make bench-serve`: what serving costs on top of onnxruntime, and how the service compares.
+
+For each shape, at concurrency 1 and 8: onnxruntime in this process on the graph the service routes to
+(the service's own Engine, so the same session options); an echo gRPC server (bench/echo_server.py: the
+floor of Python gRPC here); a plain baseline server (bench/baseline_server.py); and the service (`python -m
+service`) over both APIs, with default settings and with the variants whose trade-offs we measure
+(spinning, intra-op threads, engine workers). Every server runs in its own process; one load client
+(tests/load/loadgen.py, in this process) drives them all with the same pre-encoded requests.
+
+Ratios are measured in one run: the rows of a (shape, concurrency) cell take turns round after round, and
+each row's latencies are pooled over its rounds, so a noisy shared machine slows them alike. Prints
+tables and writes a markdown report.
+
+    python -m bench.serve_bench --out reports/serve_bench.md [--quick] [--model-dir models/attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from service._pb.attnserve.v1 import attention_pb2 as v1_pb
+from service.engine import INPUT, OUTPUT, Engine
+from service.model_dir import ModelDirectory, load_model_directory
+from tests.load.loadgen import (
+    CHANNEL_OPTIONS,
+    LoadConfig,
+    LoadResult,
+    Shape,
+    Target,
+    kserve_target,
+    run_load,
+    summarize,
+    v1_target,
+)
+from tests.server_process import start_server
+
+SHAPES = (Shape(1, 16), Shape(1, 128), Shape(1, 2048), Shape(8, 2048))
+SMALL_SHAPES = SHAPES[:2]  # the concurrency-8 throughput target
+BIG_SHAPE = SHAPES[3]  # the message-size and ≤ 10% overhead target
+CONCURRENCIES = (1, 8)
+ROOT = Path(__file__).resolve().parents[1]
+
+# Service variants: name -> extra `python -m service` flags. "service" is the default settings.
+SERVICE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "service": (),
+    "service spin": ("--allow-spinning", "true"),
+    "service intra1": ("--intra-op-threads", "1"),
+    "service w2": ("--engine-workers", "2", "--intra-op-threads", "1"),
+}
+INPROC = ("inproc", "inproc idle", "inproc spin")
+IDLE_S = 0.001  # "inproc idle": the pause before each call, as a server at c=1 has between requests
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a table: a server (or onnxruntime in-process) driven over one API."""
+
+    label: str
+    server: str  # a key of SERVICE_VARIANTS, "echo", "baseline", or one of INPROC
+    api: str = "kserve"
+    concurrencies: tuple[int, ...] = CONCURRENCIES
+    shapes: tuple[Shape, ...] = SHAPES
+    quick: bool = True  # also measured with --quick
+
+    @property
+    def inproc(self) -> bool:
+        return self.server in INPROC
+
+    @property
+    def name(self) -> str:
+        return self.label if self.inproc or self.server in ("echo", "baseline") else f"{self.label} ({self.api})"
+
+
+ROWS = (
+    Row("onnxruntime in-process", "inproc", "-", (1,)),
+    Row("onnxruntime in-process, 1 ms idle before each call", "inproc idle", "-", (1,), SMALL_SHAPES),
+    Row("onnxruntime in-process, spinning", "inproc spin", "-", (1,)),
+    Row("echo server", "echo", "kserve bytes"),
+    Row("baseline server", "baseline"),
+    Row("service", "service", "kserve"),
+    Row("service", "service", "v1"),
+    Row("service, spinning", "service spin", "kserve"),
+    Row("service, spinning", "service spin", "v1", (1,), SMALL_SHAPES, quick=False),
+    Row("service, 1 intra-op thread", "service intra1", "kserve", (8,), SMALL_SHAPES, quick=False),
+    Row("service, 2 engine workers × 1 intra-op thread", "service w2", "kserve", CONCURRENCIES, SHAPES[:3], False),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How one (shape, concurrency) cell is measured: rounds × (each row for ≤ block_s and ≤ block_requests)."""
+
+    rounds: int
+    block_s: float
+    block_requests: int
+    warmup_requests: int
+
+
+def budgets(quick: bool) -> dict[tuple[Shape, int], Budget]:
+    full = {
+        (SHAPES[0], 1): Budget(3, 1.5, 3000, 20),
+        (SHAPES[0], 8): Budget(3, 1.5, 6000, 32),
+        (SHAPES[1], 1): Budget(3, 1.5, 1500, 10),
+        (SHAPES[1], 8): Budget(3, 2.0, 3000, 16),
+        (SHAPES[2], 1): Budget(3, 2.0, 50, 2),
+        (SHAPES[2], 8): Budget(2, 3.0, 60, 8),
+        (BIG_SHAPE, 1): Budget(2, 3.0, 3, 1),
+        (BIG_SHAPE, 8): Budget(1, 12.0, 8, 0),  # all 8 sent at once: the last waits for the 7 others
+    }
+    if not quick:
+        return full
+    short = {key: Budget(1, b.block_s / 2, b.block_requests, min(b.warmup_requests, 8)) for key, b in full.items()}
+    short[(BIG_SHAPE, 1)] = Budget(1, 1.0, 1, 0)
+    del short[(BIG_SHAPE, 8)]
+    return short
+
+
+# Sequential attnserve.v1 calls whose server-side timing (queue, compute, total) splits the c=1 latency.
+BREAKDOWN_REQUESTS = {SHAPES[0]: 300, SHAPES[1]: 150, SHAPES[2]: 12, BIG_SHAPE: 3}
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Running:
+    name: str
+    address: str
+    process: subprocess.Popen
+    stop: Callable[[], object]
+
+
+def start_bench_server(module: str, model_dir: Path, timeout_s: float = 120.0) -> tuple[subprocess.Popen, int]:
+    """Start `python -m bench.<module> --port 0` and read its "ready <port>" line."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", f"bench.{module}", "--port", "0", "--model-dir", str(model_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    found: list[str] = []
+    reader = threading.Thread(target=lambda: found.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout_s)
+    if not found or not found[0].startswith("ready "):
+        process.kill()
+        raise RuntimeError(f"bench.{module} did not start (exit {process.poll()}): {found}")
+    return process, int(found[0].split()[1])
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def start_servers(model_dir: Path, names: set[str]) -> dict[str, Running]:
+    """Every server a row needs, started in parallel, each in its own process."""
+
+    def start(name: str) -> Running:
+        if name in ("echo", "baseline"):
+            process, port = start_bench_server(f"{name}_server", model_dir)
+            return Running(name, f"127.0.0.1:{port}", process, lambda: stop_process(process))
+        service = start_server(model_dir, *SERVICE_VARIANTS[name])
+        return Running(name, service.address, service.process, service.stop)
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = {name: pool.submit(start, name) for name in sorted(names)}
+    running, failed = {}, []
+    for name, future in futures.items():
+        try:
+            running[name] = future.result()
+        except Exception as e:
+            failed.append(f"{name}: {e}")
+    if failed:
+        for server in running.values():
+            server.stop()
+        raise RuntimeError("servers failed to start:\n" + "\n".join(failed))
+    return running
+
+
+# ------------------------------------------------------------------------------------------ in-process
+
+
+class InProcess:
+    """onnxruntime in this process: the service's own Engine (same session options), on its routed graph."""
+
+    def __init__(self, model: ModelDirectory) -> None:
+        self.model = model
+        self.engines = {"inproc": Engine(model, "cpu", 0, False), "inproc spin": Engine(model, "cpu", 0, True)}
+
+    def graph(self, shape: Shape) -> str:
+        return self.model.route("cpu", False, shape.seq).name
+
+    def measure(self, key: str, shape: Shape, block_s: float, block_requests: int, warmup: int) -> LoadResult:
+        """session.run back to back (or after IDLE_S of sleep, for "inproc idle"); req/s = 1 / mean latency."""
+        engine = self.engines["inproc spin" if key == "inproc spin" else "inproc"]
+        session = engine.sessions[self.graph(shape)]
+        feed = {INPUT: np.random.default_rng(0).standard_normal(
+            (shape.batch, shape.seq, shape.d_model), dtype=np.float32
+        )}  # fmt: skip
+        for _ in range(max(warmup, 1)):  # a first run at a new shape allocates; never time it
+            session.run([OUTPUT], feed)
+        idle = IDLE_S if key == "inproc idle" else 0.0
+        latencies: list[float] = []
+        started = time.perf_counter()
+        while len(latencies) < block_requests and time.perf_counter() - started < block_s:
+            if idle:
+                time.sleep(idle)
+            t0 = time.perf_counter()
+            session.run([OUTPUT], feed)
+            latencies.append((time.perf_counter() - t0) * 1e3)
+        return summarize(key, 1, 0, latencies, {}, sum(latencies) / 1e3, shape.tokens * len(latencies))
+
+
+# ------------------------------------------------------------------------------------------- CPU meter
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all processes on the machine have used (user + nice + system + irq + softirq + steal)."""
+    try:
+        parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in parts[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """How much of the machine this run used, and how much other processes took meanwhile."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.start_wall = time.perf_counter()
+        self.start_busy = _machine_busy_s()
+        self.start_ours = sum(_proc_cpu_s(p) for p in pids)
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.start_wall
+        busy = _machine_busy_s() - self.start_busy
+        ours = sum(_proc_cpu_s(p) for p in self.pids) - self.start_ours
+        cores = os.cpu_count() or 1
+        return {
+            "wall_s": wall,
+            "cores": cores,
+            "ours_cpu_fraction": ours / (wall * cores),
+            "others_cpu_fraction": max(busy - ours, 0.0) / (wall * cores),
+        }
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Cell:
+    shape: Shape
+    concurrency: int
+    results: dict[Row, LoadResult] = field(default_factory=dict)
+
+
+def _target(row: Row, shape: Shape) -> Target:
+    if row.server == "echo":
+        return kserve_target(shape).without_check()  # the echo answers the request's own bytes
+    return v1_target(shape) if row.api == "v1" else kserve_target(shape)
+
+
+def rows_for(shape: Shape, concurrency: int, quick: bool) -> list[Row]:
+    return [r for r in ROWS if concurrency in r.concurrencies and shape in r.shapes and (r.quick or not quick)]
+
+
+def measure_cell(
+    shape: Shape, concurrency: int, budget: Budget, rows: list[Row], servers: dict[str, Running], inproc: InProcess
+) -> Cell:
+    """Each row for one block per round, rows taking turns; each row's blocks pooled."""
+    cell = Cell(shape, concurrency)
+    blocks: dict[Row, list[LoadResult]] = {row: [] for row in rows}
+    targets = {row: _target(row, shape) for row in rows if not row.inproc}
+    for round_ in range(budget.rounds):
+        for row in rows:
+            warmup = budget.warmup_requests if round_ == 0 else min(budget.warmup_requests, concurrency)
+            if row.inproc:
+                result = inproc.measure(row.server, shape, budget.block_s, budget.block_requests, warmup)
+            else:
+                config = LoadConfig(
+                    concurrency=concurrency,
+                    warmup_requests=warmup,
+                    warmup_s=max(budget.block_s, 2.0),
+                    max_requests=budget.block_requests,
+                    duration_s=budget.block_s,
+                )
+                result = run_load(servers[row.server].address, targets[row], config)
+            blocks[row].append(result)
+            time.sleep(0.05)  # let the threads of the one that just ran go idle before the next one starts
+    for row, results in blocks.items():
+        merged = LoadResult.merge(results)
+        merged.target = row.name
+        cell.results[row] = merged
+        print("  " + _line(merged), flush=True)
+    return cell
+
+
+def _line(r: LoadResult) -> str:
+    errors = f"  errors {r.errors}" if r.errors else ""
+    return (
+        f"{r.target:<52} n={r.count:<5} p50 {r.p50_ms:8.2f}  p99 {r.p99_ms:8.2f} ms  "
+        f"{r.throughput_rps:8.1f} req/s{errors}"
+    )
+
+
+def measure_channels(servers: dict[str, Running], quick: bool) -> list[tuple[str, int, LoadResult]]:
+    """Is one channel fair? The echo and the service at (1,16,512), concurrency 8, over 1 and 8 channels."""
+    shape = SHAPES[0]
+    blocks: dict[tuple[str, int], list[LoadResult]] = {}
+    for _ in range(1 if quick else 2):
+        for server in ("echo", "service"):
+            target = kserve_target(shape)
+            target = target.without_check() if server == "echo" else target
+            for channels in (1, 8):
+                config = LoadConfig(concurrency=8, channels=channels, max_requests=6000, duration_s=1.0)
+                blocks.setdefault((server, channels), []).append(run_load(servers[server].address, target, config))
+    return [(server, channels, LoadResult.merge(results)) for (server, channels), results in blocks.items()]
+
+
+@dataclass
+class Breakdown:
+    """Medians over sequential attnserve.v1 calls (c=1) of the client's latency and the server's timing."""
+
+    shape: Shape
+    count: int
+    client_ms: float
+    total_ms: float  # servicer: request decoded -> answer ready (before the response is encoded)
+    queue_ms: float  # waiting for the engine thread
+    compute_ms: float  # session.run in the engine thread
+    outside_ms: float  # client − total: gRPC, protobuf parse/serialize, codec, tobytes
+    paired_overhead_ms: float  # median over calls of (client − compute) of the same call
+
+
+async def _breakdown(address: str, shape: Shape, count: int, max_s: float) -> Breakdown:
+    target = v1_target(shape)
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = channel.unary_unary(target.method)
+        payload = target.requests[0].payload
+        await stub(payload)  # warm-up
+        rows = []
+        stop_at = time.perf_counter() + max_s
+        while len(rows) < count and (not rows or time.perf_counter() < stop_at):
+            t0 = time.perf_counter()
+            answer = await stub(payload)
+            client = (time.perf_counter() - t0) * 1e3
+            timing = v1_pb.AttendResponse.FromString(answer).timing
+            rows.append((client, timing.total_us / 1e3, timing.queue_us / 1e3, timing.compute_us / 1e3))
+    med = [statistics.median(column) for column in zip(*rows, strict=True)]
+    paired = statistics.median(client - compute for client, _, _, compute in rows)
+    return Breakdown(shape, len(rows), med[0], med[1], med[2], med[3], med[0] - med[1], paired)
+
+
+def measure_breakdowns(address: str, quick: bool) -> list[Breakdown]:
+    out = []
+    for shape, count in BREAKDOWN_REQUESTS.items():
+        count = max(count // 3, 1) if quick else count
+        out.append(asyncio.run(_breakdown(address, shape, count, max_s=5.0 if quick else 10.0)))
+        time.sleep(0.05)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class Check:
+    name: str
+    measured: str
+    ratio: float
+    limit: float
+    passed: bool
+
+
+def _find(cell: Cell | None, server: str, api: str = "kserve") -> LoadResult | None:
+    if cell is None:
+        return None
+    return next((r for row, r in cell.results.items() if row.server == server and row.api in (api, "-")), None)
+
+
+def target_checks(cells: dict[tuple[Shape, int], Cell], breakdowns: list[Breakdown]) -> list[Check]:
+    checks = []
+    for shape in SHAPES:
+        cell = cells.get((shape, 1))
+        inproc, echo = _find(cell, "inproc"), _find(cell, "echo", "kserve bytes")
+        for api in ("kserve", "v1"):
+            service = _find(cell, "service", api)
+            if service is None or inproc is None or echo is None:
+                continue
+            overhead = service.p50_ms - inproc.p50_ms
+            ratio = overhead / echo.p50_ms
+            checks.append(
+                Check(
+                    f"c=1 {shape} {api}: service p50 − in-process p50 ≤ 1.0 × echo p50",
+                    f"{service.p50_ms:.2f} − {inproc.p50_ms:.2f} = {overhead:.2f} ms; echo {echo.p50_ms:.2f} ms",
+                    ratio,
+                    1.0,
+                    ratio <= 1.0,
+                )
+            )
+    for shape in SMALL_SHAPES:
+        cell = cells.get((shape, 8))
+        baseline = _find(cell, "baseline")
+        for api in ("kserve", "v1"):
+            service = _find(cell, "service", api)
+            if service is None or baseline is None:
+                continue
+            ratio = service.throughput_rps / baseline.throughput_rps
+            checks.append(
+                Check(
+                    f"c=8 {shape} {api}: service throughput ≥ 1.3 × baseline",
+                    f"{service.throughput_rps:.1f} vs {baseline.throughput_rps:.1f} req/s",
+                    ratio,
+                    1.3,
+                    ratio >= 1.3,
+                )
+            )
+    cell = cells.get((BIG_SHAPE, 1))
+    inproc = _find(cell, "inproc")
+    for api in ("kserve", "v1"):
+        service = _find(cell, "service", api)
+        if service is None or inproc is None:
+            continue
+        overhead = service.p50_ms - inproc.p50_ms
+        ratio = overhead / inproc.p50_ms
+        checks.append(
+            Check(
+                f"c=1 {BIG_SHAPE} {api}: answers (no message-size error), overhead ≤ 10% of in-process",
+                f"{service.p50_ms:.0f} − {inproc.p50_ms:.0f} = {overhead:.0f} ms; n={service.count}, "
+                f"errors {service.errors or 'none'}",
+                ratio,
+                0.10,
+                ratio <= 0.10 and not service.errors and service.count > 0,
+            )
+        )
+    for b in breakdowns:
+        if b.shape == BIG_SHAPE:
+            ratio = b.paired_overhead_ms / b.compute_ms
+            checks.append(
+                Check(
+                    "the same, paired per call (v1: client latency − server compute of that call)",
+                    f"{b.paired_overhead_ms:.0f} ms over {b.compute_ms:.0f} ms compute; n={b.count}",
+                    ratio,
+                    0.10,
+                    ratio <= 0.10,
+                )
+            )
+    return checks
+
+
+def _rate(rps: float) -> str:
+    return f"{rps:.1f}" if rps < 100 else f"{rps:.0f}"
+
+
+def cell_table(cell: Cell) -> list[str]:
+    lines = [
+        "| server | API | p50 ms | p99 ms | req/s | tokens/s | n | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row, r in cell.results.items():
+        errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "0"
+        lines.append(
+            f"| {row.label} | {row.api} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {_rate(r.throughput_rps)} | "
+            f"{r.tokens_per_s:,.0f} | {r.count} | {errors} |"
+        )
+    return lines
+
+
+TRADEOFF_COLUMNS = (
+    ("spinning", "service spin"),
+    ("1 intra-op thread", "service intra1"),
+    ("2 workers × 1 thread", "service w2"),
+    ("baseline", "baseline"),
+)
+
+
+def tradeoffs(cells: dict[tuple[Shape, int], Cell]) -> list[str]:
+    """The same service with other settings (and the baseline), against the default, cell by cell (kserve)."""
+    lines = [
+        "| shape | c | metric | service (default) | " + " | ".join(name for name, _ in TRADEOFF_COLUMNS) + " |",
+        "|---|---|---|---|" + "---|" * len(TRADEOFF_COLUMNS),
+    ]
+    for (shape, conc), cell in cells.items():
+        base = _find(cell, "service")
+        if base is None:
+            continue
+
+        def show(r: LoadResult, conc: int = conc) -> str:
+            return f"{r.p50_ms:.2f}" if conc == 1 else _rate(r.throughput_rps)
+
+        def rel(r: LoadResult | None, conc: int = conc, base: LoadResult = base) -> str:
+            if r is None:
+                return "–"
+            ratio = r.p50_ms / base.p50_ms if conc == 1 else r.throughput_rps / base.throughput_rps
+            return f"{show(r, conc)} ({ratio:.2f}×)"
+
+        metric = "p50 ms" if conc == 1 else "req/s"
+        others = " | ".join(rel(_find(cell, server)) for _, server in TRADEOFF_COLUMNS)
+        lines.append(f"| {shape} | {conc} | {metric} | {show(base)} | {others} |")
+    return lines
+
+
+def breakdown_table(breakdowns: list[Breakdown], cells: dict[tuple[Shape, int], Cell]) -> list[str]:
+    lines = [
+        "| shape | n | client p50 | server total | queue (hop to engine thread) | compute (session.run) | "
+        "outside the servicer | echo p50 | in-process p50 | in-process, 1 ms idle |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in breakdowns:
+        cell = cells.get((b.shape, 1))
+        echo, inproc, idle = _find(cell, "echo", "kserve bytes"), _find(cell, "inproc"), _find(cell, "inproc idle")
+
+        def ms(r: LoadResult | None) -> str:
+            return f"{r.p50_ms:.2f}" if r is not None else "–"
+
+        lines.append(
+            f"| {b.shape} | {b.count} | {b.client_ms:.2f} | {b.total_ms:.2f} | {b.queue_ms:.2f} | {b.compute_ms:.2f} | "
+            f"{b.outside_ms:.2f} | {ms(echo)} | {ms(inproc)} | {ms(idle)} |"
+        )
+    return lines
+
+
+def report(
+    cells: dict[tuple[Shape, int], Cell],
+    checks: list[Check],
+    breakdowns: list[Breakdown],
+    channels: list[tuple[str, int, LoadResult]],
+    meter: dict[str, float],
+    model: ModelDirectory,
+    args: argparse.Namespace,
+    wall_s: float,
+) -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines = [
+        "# Serving benchmark (CPU)",
+        "",
+        f"`python -m bench.serve_bench{' --quick' if args.quick else ''}` on "
+        f"{platform.processor() or platform.machine()}, {cores} cores, d_model {model.d_model}, {model.num_heads} "
+        f"heads, FP32, no mask; onnxruntime {ort.__version__}, grpcio {grpc.__version__}, Python "
+        f"{platform.python_version()}. Whole run {wall_s:.0f} s; **other processes used "
+        f"{meter['others_cpu_fraction']:.0%} of the machine meanwhile** (see the last section).",
+        "",
+        "Rows of one (shape, concurrency) cell take turns round after round and each row's latencies are pooled "
+        "over its rounds, so the ratios compare servers under the same machine noise. Closed loop: c callers on "
+        "one channel, each sending its next request when its last is answered; latency is the client's, around "
+        "each call; req/s = answers / (first send → last answer). In-process rows: `session.run` back to back "
+        "in the benchmark's process, through the service's own Engine (same session options) on the graph the "
+        "service routes to; their req/s is 1 / mean latency.",
+        "",
+        "Servers, each its own process: **echo** (bench/echo_server.py) answers the request's bytes, the floor "
+        "of Python gRPC here. **baseline** (bench/baseline_server.py): KServe ModelInfer on grpc.aio, "
+        "`np.frombuffer`, `session.run` through `asyncio.to_thread`, onnxruntime's default session options "
+        f"(intra-op threads = physical cores = {_default_ort_threads(model)} here, spinning on), same graphs. "
+        "**service**: `python -m service` with default settings (intra-op threads = cores, spinning off, one "
+        "engine worker); **spinning**: `--allow-spinning true`; **1 intra-op thread**: `--intra-op-threads 1`; "
+        "**2 engine workers × 1 intra-op thread**: `--engine-workers 2 --intra-op-threads 1`.",
+        "",
+    ]
+    for (shape, conc), cell in cells.items():
+        graph = model.route("cpu", False, shape.seq).name
+        lines += [f"## {shape}, concurrency {conc} (graph `{graph}`)", "", *cell_table(cell), ""]
+    lines += ["## Targets", "", "| target | measured | ratio | limit | result |", "|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c.name} | {c.measured} | {c.ratio:.2f} | {c.limit:.2f} | {'PASS' if c.passed else 'MISS'} |")
+    cell = cells.get((SHAPES[1], 8))
+    baseline, echo = _find(cell, "baseline"), _find(cell, "echo", "kserve bytes")
+    if baseline is not None and echo is not None:
+        lines += [
+            "",
+            f"For scale, {SHAPES[1]} at c=8: baseline / echo throughput = "
+            f"{baseline.throughput_rps / echo.throughput_rps:.2f} (the issue saw about 0.4 on this machine).",
+        ]
+    lines += [
+        "",
+        "## Where the time goes at c=1 (service, attnserve.v1 server timing)",
+        "",
+        "Sequential Attend calls to the default service; medians in ms. *server total*: from the decoded request "
+        "to the answer ready in the core (`Timing.total_us`); *queue*: waiting for the engine thread; *compute*: "
+        "`session.run` in that thread; *outside the servicer* = client − server total: gRPC both ways, protobuf "
+        "parse and serialize, the codec and `tobytes`.",
+        "",
+        *breakdown_table(breakdowns, cells),
+        "",
+        "## Trade-offs: spinning, intra-op threads, engine workers",
+        "",
+        "KServe API. c=1: p50 ms (lower is better); c=8: req/s (higher is better); in brackets, against the "
+        "default service in the same cell.",
+        "",
+        *tradeoffs(cells),
+        "",
+        "## Load client: one channel or eight",
+        "",
+        "| server | channels | req/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for server, n, r in channels:
+        lines.append(f"| {server} | {n} | {_rate(r.throughput_rps)} | {r.p50_ms:.2f} | {r.p99_ms:.2f} |")
+    lines += [
+        "",
+        f"{SHAPES[0]}, concurrency 8; 8 channels = 8 HTTP/2 connections (local subchannel pools). The tables "
+        "above use one channel.",
+        "",
+        "## Machine and threads",
+        "",
+        f"- {meter['cores']} CPUs. The load client, gRPC (its poller thread and the event loop), and onnxruntime's "
+        "intra-op threads of the server being measured share them; the servers not being measured are idle.",
+        f"- This run's processes (benchmark + servers) used {meter['ours_cpu_fraction']:.0%} of the machine; other "
+        f"processes used {meter['others_cpu_fraction']:.0%} (from /proc/stat). The machine is shared: absolute "
+        "numbers move between runs, the ratios within a cell much less.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _default_ort_threads(model: ModelDirectory) -> int:
+    session = ort.InferenceSession(str(model.route("cpu", False, 16).path), providers=["CPUExecutionProvider"])
+    return session.get_session_options().intra_op_num_threads or len(os.sched_getaffinity(0))
+
+
+def print_checks(checks: list[Check]) -> None:
+    print("\ntargets:")
+    for c in checks:
+        print(f"  {'PASS' if c.passed else 'MISS'}  {c.name}: {c.measured}  (ratio {c.ratio:.2f}, limit {c.limit:.2f})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.serve_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=Path("models/attention"))
+    p.add_argument("--out", type=Path, default=Path("reports/serve_bench.md"))
+    p.add_argument("--quick", action="store_true", help="one round, shorter blocks, fewer rows, no (8,2048,512) at c=8")
+    p.add_argument("--json", type=Path, default=None, help="also write every result as JSON here")
+    args = p.parse_args(argv)
+    if not (args.model_dir / "config.json").is_file():
+        raise SystemExit(f"bench.serve_bench: no model at {args.model_dir}; run `make export` first")
+    started = time.perf_counter()
+    model = load_model_directory(args.model_dir)
+    plan = budgets(args.quick)
+    names = {r.server for r in ROWS if not r.inproc and (r.quick or not args.quick)}
+    print(f"starting {', '.join(sorted(names))} ...", flush=True)
+    servers = start_servers(args.model_dir, names)
+    try:
+        inproc = InProcess(model)
+        meter = CpuMeter([os.getpid(), *(s.process.pid for s in servers.values())])
+        cells: dict[tuple[Shape, int], Cell] = {}
+        for shape in SHAPES:
+            for conc in CONCURRENCIES:
+                if (shape, conc) in plan:
+                    print(f"{shape} c={conc} (graph {inproc.graph(shape)})", flush=True)
+                    rows = rows_for(shape, conc, args.quick)
+                    cells[(shape, conc)] = measure_cell(shape, conc, plan[(shape, conc)], rows, servers, inproc)
+        print("c=1 breakdown (v1 server timing)", flush=True)
+        breakdowns = measure_breakdowns(servers["service"].address, args.quick)
+        for b in breakdowns:
+            print(
+                f"  {b.shape!s:<14} client {b.client_ms:8.2f}  server {b.total_ms:8.2f}  queue {b.queue_ms:6.2f}  "
+                f"compute {b.compute_ms:8.2f}  outside {b.outside_ms:7.2f} ms",
+                flush=True,
+            )
+        print(f"channels: {SHAPES[0]} c=8 over 1 and 8 channels", flush=True)
+        channels = measure_channels(servers, args.quick)
+        for server, n, r in channels:
+            print(f"  {server:<8} {n} channel(s): {r.throughput_rps:8.1f} req/s  p50 {r.p50_ms:.2f} ms", flush=True)
+        usage = meter.stop()
+    finally:
+        for server in servers.values():
+            server.stop()
+    checks = target_checks(cells, breakdowns)
+    print_checks(checks)
+    text = report(cells, checks, breakdowns, channels, usage, model, args, time.perf_counter() - started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"\nwritten to {args.out}")
+    if args.json:
+        data = {
+            "cells": [
+                {
+                    "shape": str(s),
+                    "concurrency": c,
+                    "rows": [{"row": row.name, **r.to_dict()} for row, r in rows.items()],
+                }
+                for (s, c), rows in ((key, cell.results) for key, cell in cells.items())
+            ],
+            "breakdowns": [{**b.__dict__, "shape": str(b.shape)} for b in breakdowns],
+            "checks": [c.__dict__ for c in checks],
+            "machine": usage,
+        }
+        args.json.write_text(json.dumps(data, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
