@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICE_VARIANTS: dict[str, tuple[str, ...]] = {
     "service": (),
     "service spin": ("--allow-spinning", "true"),
-    "service intra1": ("--intra-op-threads", "1"),
+    "service serial": ("--engine-workers", "1", "--narrow-max-tokens", "0"),
     "service w2": ("--engine-workers", "2", "--intra-op-threads", "1"),
 }
 INPROC = ("inproc", "inproc idle", "inproc spin")
@@ -98,7 +98,7 @@ ROWS = (
     Row("service", "service", "v1"),
     Row("service, spinning", "service spin", "kserve"),
     Row("service, spinning", "service spin", "v1", (1,), SMALL_SHAPES, quick=False),
-    Row("service, 1 intra-op thread", "service intra1", "kserve", (8,), SMALL_SHAPES, quick=False),
+    Row("service, one run at a time (all cores)", "service serial", "kserve", CONCURRENCIES, SHAPES[:3], quick=False),
     Row("service, 2 engine workers × 1 intra-op thread", "service w2", "kserve", CONCURRENCIES, SHAPES[:3], False),
 )
 
@@ -499,7 +499,7 @@ def cell_table(cell: Cell) -> list[str]:
 
 TRADEOFF_COLUMNS = (
     ("spinning", "service spin"),
-    ("1 intra-op thread", "service intra1"),
+    ("one run at a time", "service serial"),
     ("2 workers × 1 thread", "service w2"),
     ("baseline", "baseline"),
 )
@@ -582,9 +582,11 @@ def report(
         "of Python gRPC here. **baseline** (bench/baseline_server.py): KServe ModelInfer on grpc.aio, "
         "`np.frombuffer`, `session.run` through `asyncio.to_thread`, onnxruntime's default session options "
         f"(intra-op threads = physical cores = {_default_ort_threads(model)} here, spinning on), same graphs. "
-        "**service**: `python -m service` with default settings (intra-op threads = cores, spinning off, one "
-        "engine worker); **spinning**: `--allow-spinning true`; **1 intra-op thread**: `--intra-op-threads 1`; "
-        "**2 engine workers × 1 intra-op thread**: `--engine-workers 2 --intra-op-threads 1`.",
+        "**service**: `python -m service` with default settings (spinning off; one engine worker per core; a "
+        "request alone runs with every core, and requests of ≤ 512 tokens run single-threaded side by side when "
+        "several are in flight); **spinning**: `--allow-spinning true`; **one run at a time**: `--engine-workers 1 "
+        "--narrow-max-tokens 0` (every run on every core, in turn); **2 engine workers × 1 intra-op thread**: "
+        "`--engine-workers 2 --intra-op-threads 1`.",
         "",
     ]
     for (shape, conc), cell in cells.items():

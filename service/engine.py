@@ -74,29 +74,52 @@ class Engine:
         provider: str = "auto",
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
+        narrow_max_tokens: int = 0,
     ) -> None:
         self.model = model
         self.provider, self.provider_reason = choose_provider(provider, model.route("cuda", False, 1))
         self.intra_op_threads = intra_op_threads or usable_cores()
+        self._providers = [CUDA_EP, CPU_EP] if self.provider == "cuda" else [CPU_EP]
+        self.sessions = self._sessions(model.graphs_for(self.provider), self.intra_op_threads, allow_spinning)
+        # Short requests may also run single-threaded, side by side, when several are in flight (see Batcher):
+        # on few cores that beats taking turns with every core each (bench/serve_bench.py).
+        narrow = self.provider == "cpu" and self.intra_op_threads > 1 and narrow_max_tokens > 0
+        self.narrow_max_tokens = narrow_max_tokens if narrow else 0
+        self.narrow_sessions = self._sessions(self._graphs_up_to(self.narrow_max_tokens), 1, False)
+
+    def _sessions(self, graphs: list[Graph], threads: int, allow_spinning: bool) -> dict[str, ort.InferenceSession]:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = self.intra_op_threads
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # Spinning threads burn the cores that gRPC and the other requests need; measured in bench/serve_bench.py.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        providers = [CUDA_EP, CPU_EP] if self.provider == "cuda" else [CPU_EP]
-        self.sessions = {
-            graph.name: ort.InferenceSession(str(graph.path), options, providers=providers)
-            for graph in model.graphs_for(self.provider)
+        return {g.name: ort.InferenceSession(str(g.path), options, providers=self._providers) for g in graphs}
+
+    def _graphs_up_to(self, max_seq: int) -> list[Graph]:
+        """The output graphs that can serve sequences of length ≤ max_seq (none when max_seq is 0)."""
+        names = {
+            route.graph
+            for routes in self.model.routing[self.provider].values()
+            for low, route in zip((0, *(r.up_to for r in routes)), routes, strict=False)
+            if low < max_seq
         }
+        return [self.model.graphs[name] for name in sorted(names)]
+
+    def can_run_narrow(self, tokens: int, want_probs: bool) -> bool:
+        return not want_probs and 0 < tokens <= self.narrow_max_tokens
 
     def route(self, masked: bool, seq_len: int) -> Graph:
         return self.model.route(self.provider, masked, seq_len)
 
-    def run(self, hidden_states: np.ndarray, mask: np.ndarray | None, want_probs: bool) -> EngineOutput:
-        """Attention over (B, S, D) float32; mask (B, S) int32 or None (None or all ones: the unmasked graph)."""
+    def run(
+        self, hidden_states: np.ndarray, mask: np.ndarray | None, want_probs: bool, narrow: bool = False
+    ) -> EngineOutput:
+        """Attention over (B, S, D) float32; mask (B, S) int32 or None (None or all ones: the unmasked graph).
+
+        narrow: on the single-threaded session (only where can_run_narrow said yes)."""
         if mask is not None and bool(mask.all()):
             mask = None  # the unmasked graphs are the fast ones (flash kernel on CPU)
         if want_probs:
@@ -108,7 +131,8 @@ class Engine:
         feed = {INPUT: hidden_states} if mask is None else {INPUT: hidden_states, MASK: mask}
         outputs = [OUTPUT, WEIGHTS_OUTPUT] if want_probs else [OUTPUT]
         start = time.perf_counter()
-        results = self._run(self.sessions[graph.name], feed, outputs)
+        sessions = self.narrow_sessions if narrow else self.sessions
+        results = self._run(sessions[graph.name], feed, outputs)
         compute_s = time.perf_counter() - start
         return EngineOutput(results[0], results[1] if want_probs else None, graph.name, compute_s)
 
@@ -128,15 +152,16 @@ class Engine:
         """Run every graph at the ends of its sequence ranges, so no client pays for first-run allocations."""
         start = time.perf_counter()
         rng = np.random.default_rng(0)
-        for masked, routes in self.model.routing[self.provider].items():
-            low = 1
-            for route in routes:
-                for seq in sorted({low, min(route.up_to, self.model.max_seq_len)}):
-                    x = rng.standard_normal((1, seq, self.model.d_model), dtype=np.float32)
-                    mask = np.ones((1, seq), dtype=np.int32)
-                    mask[0, -1] = 0 if masked and seq > 1 else 1
-                    self.run(x, mask if masked else None, want_probs=False)
-                low = route.up_to + 1
+        for narrow, longest in ((False, self.model.max_seq_len), (True, self.narrow_max_tokens)):
+            for masked, routes in self.model.routing[self.provider].items():
+                low = 1
+                for route in routes:
+                    for seq in sorted({low, min(route.up_to, longest)}) if low <= longest else ():
+                        x = rng.standard_normal((1, seq, self.model.d_model), dtype=np.float32)
+                        mask = np.ones((1, seq), dtype=np.int32)
+                        mask[0, -1] = 0 if masked and seq > 1 else 1
+                        self.run(x, mask if masked else None, want_probs=False, narrow=narrow)
+                    low = route.up_to + 1
         for seq in sorted({1, min(max_weights_seq_len, self.model.max_seq_len)}):
             self.run(rng.standard_normal((1, seq, self.model.d_model), dtype=np.float32), None, want_probs=True)
         return time.perf_counter() - start

@@ -18,7 +18,7 @@ from service.api.kserve import KServeServicer
 from service.api.v1 import AttentionServicer
 from service.batcher import Batcher
 from service.dataplane import DataPlane
-from service.engine import Engine
+from service.engine import Engine, usable_cores
 from service.errors import ListenError
 from service.limits import Limits
 from service.metrics import Metrics
@@ -80,7 +80,9 @@ class AttnServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         model = load_model_directory(settings.model_dir)
-        self.engine = Engine(model, settings.provider, settings.intra_op_threads, settings.allow_spinning)
+        self.engine = Engine(
+            model, settings.provider, settings.intra_op_threads, settings.allow_spinning, settings.narrow_max_tokens
+        )
         log.info(
             "provider %s: %s; %d intra-op threads",
             self.engine.provider,
@@ -96,7 +98,7 @@ class AttnServer:
             max_weights_seq_len=min(settings.max_weights_seq_len, max_seq),
             max_message_bytes=settings.max_message_bytes,
         )
-        self.batcher = Batcher(self.engine, settings.engine_workers)
+        self.batcher = Batcher(self.engine, settings.engine_workers or usable_cores())
         self.dataplane = DataPlane(self.batcher, self.limits)
         self.metrics = Metrics()
         self.metrics.set_model_info(model.d_model, model.num_heads, self.engine.provider, model.weights_sha256)

@@ -28,7 +28,13 @@ class Settings(BaseSettings):
         "auto", description="onnxruntime execution provider; auto takes CUDA when a session on it initialises"
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per run; 0 = one per CPU core")
-    engine_workers: int = Field(1, ge=1, description="runs in flight at once on the engine")
+    engine_workers: int = Field(0, ge=0, description="engine threads (runs in flight at once); 0 = one per core")
+    narrow_max_tokens: int = Field(
+        512,
+        ge=0,
+        description="requests of at most this many tokens run single-threaded side by side when several are in "
+        "flight (CPU); 0 = every run uses all intra-op threads, one at a time",
+    )
     allow_spinning: bool = Field(
         False, description="onnxruntime intra-op threads spin between ops: lower latency alone, less throughput shared"
     )

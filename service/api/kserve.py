@@ -70,7 +70,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             model.num_heads,
             self.settings.max_batch_size,
             gpu=self.engine.provider == "cuda",
-            instances=self.settings.engine_workers,
+            instances=self.dataplane.batcher.workers,
         )
 
     @grpc_errors
