@@ -7,6 +7,7 @@ protobuf DecodeError, one of our typed errors, or an accepted request that the e
 from __future__ import annotations
 
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -28,7 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_fuzz_target_runs_clean(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     target.write_seeds(corpus)
+    # Linux carries a process's peak RSS across fork and exec, so the fuzzer starts with pytest's own peak
+    # (gigabytes, after the model tests): allow 2 GiB on top of it, as libFuzzer's default does on top of nothing.
+    rss_limit_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024 + 2048
     command = [sys.executable, "-m", "tests.fuzz.fuzz_requests", "-max_total_time=5", "-print_final_stats=1"]
+    command.append(f"-rss_limit_mb={rss_limit_mb}")
     done = subprocess.run([*command, str(corpus)], cwd=ROOT, capture_output=True, text=True, timeout=180)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-5000:]
