@@ -51,8 +51,7 @@ $(MODEL_DIR)/config.json: | $(STAMP)
 export: $(MODEL_DIR)/config.json
 
 serve: $(STAMP) $(MODEL_DIR)/config.json
-	@if [ -f service/__main__.py ]; then exec $(PY) -m service --model-dir $(MODEL_DIR); \
-	else echo "service not built yet: the model directory is ready at $(MODEL_DIR) (the gRPC service lands with issue 3)"; fi
+	exec $(PY) -m service --model-dir $(MODEL_DIR)
 
 bench: bench-model bench-serve
 
