@@ -114,6 +114,11 @@ class AttnServer:
             AttentionServicer(self.dataplane, self.engine, settings.model_name), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # kubelet's gRPC probes speak no TLS: with TLS on, they need health on a plaintext port of its own.
+        self.health_server: grpc.aio.Server | None = None
+        if settings.health_port is not None:
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         names = (
             *SERVICE_NAMES,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -124,6 +129,7 @@ class AttnServer:
         _reflection_v1(self.server, names)
         self.grpc_port = 0
         self.metrics_port = 0
+        self.health_port = 0
 
     async def start(self) -> None:
         """Listen (health NOT_SERVING), warm up, then report ready."""
@@ -138,6 +144,13 @@ class AttnServer:
                 self.grpc_port = self.server.add_secure_port(address, credentials)
         except RuntimeError as e:  # grpcio's way of saying the port is taken
             raise ListenError(f"gRPC cannot listen on {address}: {e}") from None
+        if self.health_server is not None:
+            health_address = f"{self.settings.host}:{self.settings.health_port}"
+            try:
+                self.health_port = self.health_server.add_insecure_port(health_address)
+            except RuntimeError as e:
+                raise ListenError(f"health cannot listen on {health_address}: {e}") from None
+            await self.health_server.start()
         try:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         except OSError as e:
@@ -152,13 +165,14 @@ class AttnServer:
         for name in HEALTH_NAMES:
             await self.health.set(name, SERVING)
         log.info(
-            "attnserve ready: grpc %s:%d (%s), metrics :%d, model %s, provider %s",
+            "attnserve ready: grpc %s:%d (%s), metrics :%d, model %s, provider %s%s",
             self.settings.host,
             self.grpc_port,
             "tls" if credentials else "plaintext",
             self.metrics_port,
             self.settings.model_dir,
             self.engine.provider,
+            f", health :{self.health_port} (plaintext)" if self.health_server is not None else "",
         )
 
     async def drain(self) -> bool:
@@ -179,5 +193,7 @@ class AttnServer:
 
     async def stop(self) -> None:
         await self.server.stop(grace=1.0)  # answers already computed still go out
+        if self.health_server is not None:
+            await self.health_server.stop(grace=None)
         await asyncio.to_thread(self.batcher.close)
         self.metrics.close()

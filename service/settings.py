@@ -22,6 +22,13 @@ class Settings(BaseSettings):
     model_name: str = Field("attention", description="model name on the KServe v2 API")
     host: str = Field("0.0.0.0", description="address the gRPC and metrics servers bind")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    health_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="plaintext port that serves only grpc.health.v1, for kubelet probes when TLS is on (they speak "
+        "no TLS); unset = off",
+    )
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)")
 
     provider: Literal["auto", "cpu", "cuda"] = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import AttentionClient, StreamRequest, main
-from tests.server_process import start_server
+from tests.server_process import ServerProcess, start_server
 
 D_MODEL = 512
 TOKEN = "client-test-token"
@@ -65,17 +66,26 @@ def _write_certificates(folder: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def secure_server(served_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict]]:
+def secure_process(
+    served_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, dict]]:
+    """Mutual TLS and a bearer token, health also on a plaintext port for probes; no warm-up (faster)."""
     certs = _write_certificates(tmp_path_factory.mktemp("tls"))
     args = (
         "--tls-cert", str(certs["server_cert"]), "--tls-key", str(certs["server_key"]),
-        "--tls-client-ca", str(certs["ca_cert"]), "--auth-token", TOKEN, "--warmup", "false",
+        "--tls-client-ca", str(certs["ca_cert"]), "--auth-token", TOKEN, "--warmup", "false", "--health-port", "0",
     )  # fmt: skip
     process = start_server(served_model, *args)
     try:
-        yield process.address, certs
+        yield process, certs
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def secure_server(secure_process: tuple[ServerProcess, dict]) -> tuple[str, dict]:
+    process, certs = secure_process
+    return process.address, certs
 
 
 def test_mutual_tls_and_token(secure_server: tuple[str, dict], capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,3 +173,17 @@ def test_token_from_a_file_on_a_plaintext_server(served_model: Path, tmp_path: P
         assert "authorization metadata missing" in caught.value.details()
     finally:
         process.stop()
+
+
+def test_probes_reach_health_over_plaintext_on_the_health_port_and_nothing_else(
+    secure_process: tuple[ServerProcess, dict],
+) -> None:
+    process, _ = secure_process
+    match = re.search(r"health :(\d+) \(plaintext\)", process.log())
+    assert match, process.log()
+    with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+        assert _health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        attend = channel.unary_unary("/attnserve.v1.AttentionService/GetModelInfo")
+        with pytest.raises(grpc.RpcError) as caught:
+            attend(b"", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # only health lives on that port
