@@ -43,17 +43,17 @@ class Batcher:
             with self._count_lock:
                 self._waiting -= 1
                 self._running += 1
-                crowded = self._running + self._waiting > 1
+                narrow = may_run_narrow and self._running + self._waiting > 1  # others in flight: share the cores
             try:
                 queued = time.perf_counter() - enqueued
                 if request.deadline is not None and time.monotonic() >= request.deadline:
                     raise DeadlineExceeded(f"deadline passed after {queued * 1e3:.1f} ms in the queue, before compute")
                 check_finite(request.hidden_states)
-                if crowded and may_run_narrow:
-                    self.runs["narrow"] += 1
+                with self._count_lock:
+                    self.runs["narrow" if narrow else "wide"] += 1
+                if narrow:
                     return self.engine.run(request.hidden_states, request.mask, want_probs, narrow=True), queued
                 with self._wide:
-                    self.runs["wide"] += 1
                     return self.engine.run(request.hidden_states, request.mask, want_probs), queued
             finally:
                 with self._count_lock:

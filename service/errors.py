@@ -19,16 +19,8 @@ class Unavailable(ServiceError):
     """Not ready yet, or draining."""
 
 
-class ResourceExhausted(ServiceError):
-    """A queue or size limit is full; retrying later may work."""
-
-
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed, or cannot be met."""
-
-
-class Cancelled(ServiceError):
-    """The client cancelled the call."""
 
 
 class Unauthenticated(ServiceError):

@@ -33,13 +33,6 @@ class AttentionRequest:
     def seq_len(self) -> int:
         return int(self.hidden_states.shape[1])
 
-    @property
-    def tokens(self) -> int:
-        """Real tokens: the work the client asked for (padding excluded)."""
-        if self.mask is None:
-            return self.batch_size * self.seq_len
-        return int(np.count_nonzero(self.mask))
-
 
 @dataclass
 class WeightsResult:

@@ -7,11 +7,15 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from service.api.status import status_of
+from service.errors import ServiceError, Unauthenticated
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that ends the call with (code, message)."""
+def _refusing(handler: grpc.RpcMethodHandler, error: ServiceError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that ends the call with the error's status."""
+    code, message = status_of(error)
 
     async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
@@ -50,6 +54,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         reason = "missing" if not sent else "wrong"
         return _refusing(
             handler,
-            grpc.StatusCode.UNAUTHENTICATED,
-            f"authorization metadata {reason}; send `authorization: Bearer <token>` with the server's token",
+            Unauthenticated(
+                f"authorization metadata {reason}; send `authorization: Bearer <token>` with the server's token"
+            ),
         )
