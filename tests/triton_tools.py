@@ -15,11 +15,14 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+
+import numpy as np
 
 PERF_ANALYZER = "perf_analyzer"
 CUDART = "libcudart.so.12"
@@ -118,3 +121,9 @@ def run_triton_client(
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, check=check
     )
+
+
+def write_perf_analyzer_data(path: Path, seq: int, d_model: int) -> None:
+    """perf_analyzer's own random data has NaN/Inf and a garbage mask: give it finite hidden_states only."""
+    x = np.random.default_rng(0).standard_normal((seq, d_model), dtype=np.float32)
+    path.write_text(json.dumps({"data": [{"hidden_states": {"content": x.ravel().tolist(), "shape": [seq, d_model]}}]}))

@@ -16,7 +16,13 @@ import pytest
 from model.export import read_model_dir
 from model.reference import reference_attention, relative_l2
 from tests.server_process import ServerProcess
-from tests.triton_tools import perf_analyzer_available, perf_analyzer_command, perf_analyzer_env, run_triton_client
+from tests.triton_tools import (
+    perf_analyzer_available,
+    perf_analyzer_command,
+    perf_analyzer_env,
+    run_triton_client,
+    write_perf_analyzer_data,
+)
 
 TRITON_SCRIPT = r"""
 import json, sys
@@ -97,12 +103,6 @@ def test_tritonclient_unchanged(server: ServerProcess, reference_model: tuple, t
     assert relative_l2(got["plain"], expected_plain) <= 1e-5
 
 
-def write_perf_analyzer_data(path: Path, seq: int, d_model: int) -> None:
-    """perf_analyzer's own random data has NaN/Inf and a garbage mask: give it finite hidden_states only."""
-    x = np.random.default_rng(0).standard_normal((seq, d_model), dtype=np.float32)
-    path.write_text(json.dumps({"data": [{"hidden_states": {"content": x.ravel().tolist(), "shape": [seq, d_model]}}]}))
-
-
 def test_perf_analyzer_completes_a_measurement(server: ServerProcess, tmp_path: Path) -> None:
     available, why = perf_analyzer_available()
     assert available, f"perf_analyzer must run here (make installs libb64-0d and the CUDA runtime wheel): {why}"
@@ -121,3 +121,14 @@ def test_perf_analyzer_completes_a_measurement(server: ServerProcess, tmp_path: 
     assert len(rows) == 1 and rows[0]["Concurrency"] == "2"
     assert float(rows[0]["Inferences/Second"]) > 0
     assert float(rows[0]["Server Compute Infer"]) > 0  # our ModelStatistics fed its server-side columns
+
+
+def test_perf_analyzer_sweep_writes_csv_and_summary(server: ServerProcess, tmp_path: Path) -> None:
+    from tests.load.perf_analyzer_sweep import sweep, write_summary
+
+    summary = sweep(server.address, [16], [1, 2], window_ms=500, out=tmp_path)
+    rows = list(csv.DictReader((tmp_path / "attention_seq16.csv").open()))
+    assert [row["Concurrency"] for row in rows] == ["1", "2"]
+    assert all(float(row["Inferences/Second"]) > 0 for row in rows)
+    write_summary(summary, tmp_path / "summary.md", "test")
+    assert "| 16 | 2 |" in (tmp_path / "summary.md").read_text()
