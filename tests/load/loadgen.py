@@ -37,6 +37,7 @@ from service.api.v1_codec import tensor_to_pb
 
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
 V1_ATTEND = "/attnserve.v1.AttentionService/Attend"
+CLIENT_OVERLOADED = "CLIENT_OVERLOADED"  # open loop: too many calls in flight, not sent
 BAD_RESPONSE = "BAD_RESPONSE"  # the error "code" of an answer that does not check out
 # No message-size limit on the client: the server's own limit is what a run should meet.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -286,6 +287,42 @@ async def closed_loop(
             recorder.record(sent, answered, request.tokens, error)
 
     await asyncio.gather(*(caller(i) for i in range(config.concurrency)))
+    return recorder
+
+
+async def open_loop(
+    stubs: Sequence[grpc.aio.UnaryUnaryMultiCallable], target: Target, rate_rps: float, poisson: bool,
+    max_requests: int, duration_s: float, timeout_s: float, max_in_flight: int = 1024, seed: int = 0,
+) -> _Recorder:  # fmt: skip
+    """Requests at a fixed rate (constant gaps, or Poisson arrivals), whatever the answers' pace.
+
+    Bounded in count, time and in-flight calls: a send that would exceed max_in_flight is recorded as the
+    error CLIENT_OVERLOADED instead of piling up. Returns once every call sent has been answered."""
+    recorder = _Recorder()
+    requests = itertools.cycle(target.requests)
+    gaps = np.random.default_rng(seed)
+    in_flight: set[asyncio.Task[None]] = set()
+    started = time.perf_counter()
+    due = started
+
+    async def one(stub: grpc.aio.UnaryUnaryMultiCallable, request: Request) -> None:
+        sent, answered, error = await _call(stub, request, timeout_s, None)
+        recorder.record(sent, answered, request.tokens, error)
+
+    for n in range(max_requests):
+        due += gaps.exponential(1.0 / rate_rps) if poisson else 1.0 / rate_rps
+        if due - started > duration_s:
+            break
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        request = next(requests)
+        if len(in_flight) >= max_in_flight:
+            now = time.perf_counter()
+            recorder.record(now, now, request.tokens, CLIENT_OVERLOADED)
+            continue
+        task = asyncio.create_task(one(stubs[n % len(stubs)], request))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    await asyncio.gather(*in_flight)
     return recorder
 
 
