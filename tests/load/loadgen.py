@@ -91,14 +91,18 @@ def hidden_states(shape: Shape, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((shape.batch, shape.seq, shape.d_model), dtype=np.float32)
 
 
+def kserve_request(x: np.ndarray, model_name: str = "attention", request_id: str = "") -> kserve_pb.ModelInferRequest:
+    """ModelInfer with hidden_states FP32 in raw_input_contents (no mask, default outputs)."""
+    tensor = kserve_pb.ModelInferRequest.InferInputTensor(name="hidden_states", datatype="FP32", shape=x.shape)
+    return kserve_pb.ModelInferRequest(
+        model_name=model_name, id=request_id, inputs=[tensor], raw_input_contents=[x.tobytes()]
+    )
+
+
 def kserve_target(shape: Shape, model_name: str = "attention", seed: int = 0) -> Target:
     """KServe v2 ModelInfer, hidden_states FP32 in raw_input_contents, output `output`."""
     x = hidden_states(shape, seed)
-    message = kserve_pb.ModelInferRequest(
-        model_name=model_name,
-        inputs=[kserve_pb.ModelInferRequest.InferInputTensor(name="hidden_states", datatype="FP32", shape=x.shape)],
-        raw_input_contents=[x.tobytes()],
-    )
+    message = kserve_request(x, model_name)
 
     def check(answer: bytes) -> None:
         response = kserve_pb.ModelInferResponse.FromString(answer)

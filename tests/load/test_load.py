@@ -23,6 +23,7 @@ from service._pb.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.api.v1_codec import tensor_from_pb, tensor_to_pb
 from service.engine import Engine
 from service.model_dir import load_model_directory
+from tests.load.loadgen import kserve_request
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.load
@@ -41,13 +42,6 @@ def _inputs(seed: int) -> tuple[np.ndarray, int]:
     rng = np.random.default_rng(seed)
     seq = int(rng.choice(LENGTHS))
     return rng.standard_normal((1, seq, D_MODEL), dtype=np.float32), seq
-
-
-def _kserve_request(x: np.ndarray, request_id: str) -> kserve.ModelInferRequest:
-    tensor = kserve.ModelInferRequest.InferInputTensor(name="hidden_states", datatype="FP32", shape=x.shape)
-    return kserve.ModelInferRequest(
-        model_name="attention", id=request_id, inputs=[tensor], raw_input_contents=[x.tobytes()]
-    )
 
 
 def _kserve_output(response: kserve.ModelInferResponse) -> np.ndarray:
@@ -70,7 +64,9 @@ async def _mixed_load(address: str, api: str, concurrency: int, seconds: float, 
                 sent += 1
                 try:
                     if api == "kserve":
-                        output = _kserve_output(await kserve_stub.ModelInfer(_kserve_request(x, str(seed)), timeout=30))
+                        output = _kserve_output(
+                            await kserve_stub.ModelInfer(kserve_request(x, request_id=str(seed)), timeout=30)
+                        )
                     else:
                         response = await v1_stub.Attend(
                             v1.AttendRequest(id=str(seed), hidden_states=tensor_to_pb(x)), timeout=30
