@@ -38,17 +38,8 @@ import onnxruntime as ort
 from service._pb.attnserve.v1 import attention_pb2 as v1_pb
 from service.engine import INPUT, OUTPUT, Engine
 from service.model_dir import ModelDirectory, load_model_directory
-from tests.load.loadgen import (
-    CHANNEL_OPTIONS,
-    LoadConfig,
-    LoadResult,
-    Shape,
-    Target,
-    kserve_target,
-    run_load,
-    summarize,
-    v1_target,
-)
+from tests.load.loadgen import CHANNEL_OPTIONS, LoadConfig, LoadResult, run_load, summarize
+from tests.load.workload import Shape, Target, kserve_target, v1_target
 from tests.server_process import start_server
 
 SHAPES = (Shape(1, 16), Shape(1, 128), Shape(1, 2048), Shape(8, 2048))
@@ -229,7 +220,7 @@ class InProcess:
             t0 = time.perf_counter()
             session.run([OUTPUT], feed)
             latencies.append((time.perf_counter() - t0) * 1e3)
-        return summarize(key, 1, 0, latencies, {}, sum(latencies) / 1e3, shape.tokens * len(latencies))
+        return summarize(key, latencies, sum(latencies) / 1e3, shape.tokens * len(latencies), shape.seq)
 
 
 # ------------------------------------------------------------------------------------------- CPU meter

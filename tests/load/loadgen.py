@@ -1,19 +1,19 @@
-"""A grpc.aio load client for both APIs: closed loop at a fixed concurrency, pre-encoded requests.
+"""A grpc.aio load generator for both APIs: closed loop, open loop, streams; mixed sequence lengths.
 
-Client CPU is kept small so that on a small machine the server gets the cores: every request message is
-serialized once, before the run, and sent as raw bytes through a generic unary call; answers come back
-as raw bytes and only the first of each run is parsed (to check that the server really answered). Each
-request's latency is taken around the awaited call.
+    python -m tests.load.loadgen 127.0.0.1:8001 --api v1 --lengths 8-512 -c 16 --duration 10
+    python -m tests.load.loadgen 127.0.0.1:8001 --lengths 16:3,512:1 --rate 50 --poisson --json
+    python -m tests.load.loadgen 127.0.0.1:8001 --stream --verify models/attention --check-every 10
 
-    from tests.load.loadgen import LoadConfig, Shape, kserve_target, run_load
-    result = run_load("127.0.0.1:8001", kserve_target(Shape(1, 128, 512)), LoadConfig(concurrency=8))
-    print(result.summary())
+Closed loop: `concurrency` callers, each sending its next request when its last is answered (over unary
+calls, or one bidi stream per caller with --stream). Open loop (--rate): requests at a constant rate or
+with Poisson arrivals, whatever the answers' pace. Every loop is bounded in count (--requests), time
+(--duration) and, open loop, calls in flight; each call carries a deadline (--deadline-ms).
 
-    python -m tests.load.loadgen 127.0.0.1:8001 --api v1 --shape 1,128,512 -c 8 --duration 10 --json
-
-Building blocks, for what comes next (mixed lengths, open loop): a Target cycles through any number of
-pre-encoded requests (each with its own token count), and `_Recorder` + `_call` are what a second
-issuing strategy (open loop at a request rate) would share with `closed_loop`.
+Requests are encoded once, up front (tests/load/workload.py); answers come back as raw bytes and only the
+sampled ones are parsed and checked: the first by default, every Nth with --check-every, against in-process
+onnxruntime with --verify. The result has throughput (requests/s, tokens/s), p50/p90/p99/max latency overall
+and per sequence-length bucket (the service's buckets), and errors by status code: a table for people, JSON
+for machines (--json), and a progress line on stderr while it runs (--progress, default on a terminal).
 """
 
 from __future__ import annotations
@@ -25,18 +25,19 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
 
 import grpc
 import numpy as np
 
-from service._pb.attnserve.v1 import attention_pb2 as v1_pb
-from service._pb.inference import grpc_service_pb2 as kserve_pb
-from service.api.v1_codec import tensor_to_pb
+from service.seq_buckets import DEFAULT_SEQ_BUCKETS, OVERFLOW, bucket_labels, parse_bounds, seq_bucket
+from tests.load.workload import APIS, KSERVE, V1, LengthMix, Request, Target, build_target, model_dir_reference
 
-KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
-V1_ATTEND = "/attnserve.v1.AttentionService/Attend"
+KSERVE_INFER = KSERVE.unary_method
+V1_ATTEND = V1.unary_method
 CLIENT_OVERLOADED = "CLIENT_OVERLOADED"  # open loop: too many calls in flight, not sent
 BAD_RESPONSE = "BAD_RESPONSE"  # the error "code" of an answer that does not check out
 # No message-size limit on the client: the server's own limit is what a run should meet.
@@ -44,109 +45,51 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_mess
 
 
 @dataclass(frozen=True)
-class Shape:
-    batch: int
-    seq: int
-    d_model: int = 512
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
-
-    @property
-    def nbytes(self) -> int:
-        return self.tokens * self.d_model * 4  # FP32
-
-    def __str__(self) -> str:
-        return f"({self.batch},{self.seq},{self.d_model})"
-
-    @classmethod
-    def parse(cls, text: str) -> Shape:
-        """From "1,128,512" or "(1,128,512)"."""
-        batch, seq, d_model = (int(part) for part in text.strip("() ").split(","))
-        return cls(batch, seq, d_model)
-
-
-@dataclass(frozen=True)
-class Request:
-    payload: bytes  # the serialized request message
-    tokens: int  # tokens it asks the model to process (for tokens/s)
-
-
-@dataclass(frozen=True)
-class Target:
-    """What to send: one gRPC method and the requests to cycle through, each already serialized."""
-
-    name: str
-    method: str  # full method path, e.g. KSERVE_INFER
-    requests: tuple[Request, ...]
-    check: Callable[[bytes], None] | None = None  # raises ValueError if an answer is wrong; None: don't check
-
-    def without_check(self) -> Target:
-        """The same requests, answers unchecked (for the echo server, which returns the request bytes)."""
-        return replace(self, check=None)
-
-
-def hidden_states(shape: Shape, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((shape.batch, shape.seq, shape.d_model), dtype=np.float32)
-
-
-def kserve_request(x: np.ndarray, model_name: str = "attention", request_id: str = "") -> kserve_pb.ModelInferRequest:
-    """ModelInfer with hidden_states FP32 in raw_input_contents (no mask, default outputs)."""
-    tensor = kserve_pb.ModelInferRequest.InferInputTensor(name="hidden_states", datatype="FP32", shape=x.shape)
-    return kserve_pb.ModelInferRequest(
-        model_name=model_name, id=request_id, inputs=[tensor], raw_input_contents=[x.tobytes()]
-    )
-
-
-def kserve_target(shape: Shape, model_name: str = "attention", seed: int = 0) -> Target:
-    """KServe v2 ModelInfer, hidden_states FP32 in raw_input_contents, output `output`."""
-    x = hidden_states(shape, seed)
-    message = kserve_request(x, model_name)
-
-    def check(answer: bytes) -> None:
-        response = kserve_pb.ModelInferResponse.FromString(answer)
-        if not response.outputs or tuple(response.outputs[0].shape) != x.shape:
-            raise ValueError(f"ModelInfer answered outputs {list(response.outputs)}; expected output {x.shape}")
-        if len(response.raw_output_contents) != 1 or len(response.raw_output_contents[0]) != x.nbytes:
-            raise ValueError(f"ModelInfer answered raw_output_contents of the wrong size; expected {x.nbytes} B")
-
-    return Target(f"kserve {shape}", KSERVE_INFER, (Request(message.SerializeToString(), shape.tokens),), check)
-
-
-def v1_target(shape: Shape, seed: int = 0) -> Target:
-    """attnserve.v1 Attend, hidden_states FP32, every sequence full length, no weights."""
-    x = hidden_states(shape, seed)
-    message = v1_pb.AttendRequest(hidden_states=tensor_to_pb(x))
-
-    def check(answer: bytes) -> None:
-        response = v1_pb.AttendResponse.FromString(answer)
-        if tuple(response.output.shape) != x.shape or len(response.output.data) != x.nbytes:
-            raise ValueError(f"Attend answered output shape {list(response.output.shape)}; expected {x.shape}")
-
-    return Target(f"v1 {shape}", V1_ATTEND, (Request(message.SerializeToString(), shape.tokens),), check)
-
-
-TARGETS: dict[str, Callable[[Shape], Target]] = {"kserve": kserve_target, "v1": v1_target}
-
-
-@dataclass(frozen=True)
 class LoadConfig:
-    """A closed-loop run: `concurrency` callers, each sending its next request when its last is answered.
+    """One run. Warm-up first (closed loop, until warmup_requests are answered or warmup_s has passed),
+    then the measured phase, which stops issuing once max_requests have been sent or duration_s has
+    passed, whichever comes first, and ends when the calls in flight are answered. Calls go over
+    `channels` channels, round robin; each channel is its own HTTP/2 connection."""
 
-    Warm-up first (until warmup_requests are answered or warmup_s has passed), then the measured phase,
-    which stops issuing once max_requests have been sent or duration_s has passed, whichever comes first,
-    and ends when the calls in flight are answered. Requests run over `channels` channels, round robin;
-    each channel is its own HTTP/2 connection.
-    """
-
-    concurrency: int = 1
+    concurrency: int = 1  # closed loop: callers; open loop: the warm-up's callers
     channels: int = 1
     warmup_requests: int | None = None  # None: 2 × concurrency; 0: no warm-up
     warmup_s: float = 5.0
     max_requests: int = 1000
     duration_s: float = 10.0
-    timeout_s: float = 120.0  # per-request deadline
+    timeout_s: float = 120.0  # each call's deadline (a stream's: duration_s + timeout_s)
+    rate_rps: float | None = None  # open loop at this rate; None: closed loop
+    poisson: bool = False  # open loop: exponential gaps instead of constant ones
+    max_in_flight: int = 1024  # open loop: a send beyond this is recorded as CLIENT_OVERLOADED
+    stream: bool = False  # closed loop over one bidi stream per caller
+    check_every: int = 0  # check every Nth answer; 0: only the first
+    progress: bool = False  # a progress line on stderr, once a second
+    seq_buckets: tuple[int, ...] = DEFAULT_SEQ_BUCKETS
+    seed: int = 0  # Poisson arrivals
+
+    @property
+    def mode(self) -> str:
+        if self.rate_rps is not None:
+            return f"rate={self.rate_rps:g}/s{' poisson' if self.poisson else ''}"
+        return f"c={self.concurrency}{' stream' if self.stream else ''}"
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    count: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    mean_ms: float
+
+    @classmethod
+    def of(cls, latencies_ms: Sequence[float]) -> Percentiles:
+        lat = np.asarray(latencies_ms, dtype=np.float64)
+        if not lat.size:
+            return cls(0, *(float("nan"),) * 5)
+        p50, p90, p99 = np.percentile(lat, (50, 90, 99))
+        return cls(int(lat.size), float(p50), float(p90), float(p99), float(lat.max()), float(lat.mean()))
 
 
 @dataclass
@@ -166,6 +109,11 @@ class LoadResult:
     mean_ms: float
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     tokens: int = 0  # answered tokens
+    sent: int = 0  # calls started; every one ends as `count` or in `errors`
+    checked: int = 0  # answers parsed and checked
+    mode: str = ""
+    by_bucket: dict[str, Percentiles] = field(default_factory=dict)  # seq bucket -> its answered calls
+    seqs: list[int] = field(default_factory=list, repr=False)  # sequence length of each latency
 
     @property
     def error_count(self) -> int:
@@ -173,9 +121,10 @@ class LoadResult:
 
     def to_dict(self, latencies: bool = False) -> dict:
         """JSON-ready; the per-request latencies only when asked."""
-        out = {k: v for k, v in self.__dict__.items() if k != "latencies_ms"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("latencies_ms", "seqs", "by_bucket")}
+        out["by_bucket"] = {bucket: stats.__dict__ for bucket, stats in self.by_bucket.items()}
         if latencies:
-            out["latencies_ms"] = list(self.latencies_ms)
+            out["latencies_ms"], out["seqs"] = list(self.latencies_ms), list(self.seqs)
         return out
 
     def summary(self) -> str:
@@ -186,148 +135,239 @@ class LoadResult:
             f"p99 {self.p99_ms:8.2f}  max {self.max_ms:8.2f} ms{errors}"
         )
 
+    def table(self) -> str:
+        """For people: the run, its throughput, latency overall and per bucket, errors by code."""
+        errors = ", ".join(f"{code} {n}" for code, n in sorted(self.errors.items())) or "none"
+        lines = [
+            f"{self.target}  {self.mode}  {self.elapsed_s:.1f} s",
+            f"  sent {self.sent}  answered OK {self.count}  errors {self.error_count} ({errors})  "
+            f"answers checked {self.checked} (warm-up included)",
+            f"  throughput {self.throughput_rps:.1f} req/s  {self.tokens_per_s:,.0f} tokens/s",
+            "",
+            f"  {'seq bucket':<10} {'n':>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9}",
+        ]
+        buckets = ((f"≤{b}" if b != OVERFLOW else "longer", s) for b, s in self.by_bucket.items())
+        for label, s in [("all", Percentiles.of(self.latencies_ms)), *buckets]:
+            lines.append(
+                f"  {label:<10} {s.count:>7} {s.p50_ms:>9.2f} {s.p90_ms:>9.2f} {s.p99_ms:>9.2f} {s.max_ms:>9.2f}"
+            )
+        return "\n".join(lines)
+
     @classmethod
     def merge(cls, results: Sequence[LoadResult]) -> LoadResult:
         """One result over several runs of the same target (e.g. rounds interleaved with other servers)."""
         first = results[0]
-        errors: Counter[str] = Counter()
+        recorder = _Recorder()
         for r in results:
-            errors.update(r.errors)
-        latencies = [ms for r in results for ms in r.latencies_ms]
+            recorder.latencies_ms += r.latencies_ms
+            recorder.seqs += r.seqs
+            recorder.errors.update(r.errors)
+            recorder.tokens += r.tokens
+            recorder.sent += r.sent
+            recorder.checked += r.checked
         elapsed = sum(r.elapsed_s for r in results)
-        tokens = sum(r.tokens for r in results)
-        return summarize(first.target, first.concurrency, first.channels, latencies, dict(errors), elapsed, tokens)
-
-
-def summarize(
-    target: str, concurrency: int, channels: int, latencies_ms: Sequence[float], errors: dict[str, int],
-    elapsed_s: float, tokens: int,
-) -> LoadResult:  # fmt: skip
-    """A LoadResult from raw latencies (ms) of the answered requests."""
-    lat = np.asarray(latencies_ms, dtype=np.float64)
-    p50, p90, p99 = np.percentile(lat, (50, 90, 99)) if lat.size else (float("nan"),) * 3
-    rate = len(lat) / elapsed_s if elapsed_s > 0 else 0.0
-    return LoadResult(
-        target=target,
-        concurrency=concurrency,
-        channels=channels,
-        count=int(lat.size),
-        errors=errors,
-        elapsed_s=elapsed_s,
-        throughput_rps=rate,
-        tokens_per_s=tokens / elapsed_s if elapsed_s > 0 else 0.0,
-        p50_ms=float(p50),
-        p90_ms=float(p90),
-        p99_ms=float(p99),
-        max_ms=float(lat.max()) if lat.size else float("nan"),
-        mean_ms=float(lat.mean()) if lat.size else float("nan"),
-        latencies_ms=lat.tolist(),
-        tokens=tokens,
-    )
+        return recorder.result(first.target, first.concurrency, first.channels, first.mode, elapsed)
 
 
 class _Recorder:
-    """Latencies and errors of the answered calls, and the span from the first send to the last answer."""
+    """What a run's calls came to: latencies and lengths of the answered ones, errors by code, the span
+    from the first send to the last answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, seq_buckets: tuple[int, ...] = DEFAULT_SEQ_BUCKETS) -> None:
+        self.seq_buckets = seq_buckets
         self.latencies_ms: list[float] = []
+        self.seqs: list[int] = []
         self.errors: Counter[str] = Counter()
         self.tokens = 0
+        self.sent = 0
+        self.checked = 0
         self.first_sent = float("inf")
         self.last_answered = float("-inf")
 
-    def record(self, sent: float, answered: float, tokens: int, error: str | None) -> None:
+    @property
+    def answered(self) -> int:
+        return len(self.latencies_ms) + sum(self.errors.values())
+
+    def record(self, sent: float, answered: float, request: Request, error: str | None) -> None:
         self.first_sent = min(self.first_sent, sent)
         self.last_answered = max(self.last_answered, answered)
         if error is None:
             self.latencies_ms.append((answered - sent) * 1e3)
-            self.tokens += tokens
+            self.seqs.append(request.seq)
+            self.tokens += request.tokens
         else:
             self.errors[error] += 1
 
-    def result(self, target: str, concurrency: int, channels: int) -> LoadResult:
-        elapsed = max(self.last_answered - self.first_sent, 0.0)
-        return summarize(target, concurrency, channels, self.latencies_ms, dict(self.errors), elapsed, self.tokens)
+    def check_due(self, every: int) -> bool:
+        """Whether the answer just in (OK) should be checked: the first, then every `every`th."""
+        ok = len(self.latencies_ms) + 1
+        return self.checked == 0 if every <= 0 else (ok - 1) % every == 0
+
+    def result(self, target: str, concurrency: int, channels: int, mode: str, elapsed_s: float | None = None
+               ) -> LoadResult:  # fmt: skip
+        elapsed = max(self.last_answered - self.first_sent, 0.0) if elapsed_s is None else elapsed_s
+        overall = Percentiles.of(self.latencies_ms)
+        grouped: dict[str, list[float]] = {label: [] for label in bucket_labels(self.seq_buckets)}
+        for ms, seq in zip(self.latencies_ms, self.seqs, strict=True):
+            grouped[seq_bucket(seq, self.seq_buckets)].append(ms)
+        return LoadResult(
+            target=target,
+            concurrency=concurrency,
+            channels=channels,
+            count=overall.count,
+            errors=dict(self.errors),
+            elapsed_s=elapsed,
+            throughput_rps=overall.count / elapsed if elapsed > 0 else 0.0,
+            tokens_per_s=self.tokens / elapsed if elapsed > 0 else 0.0,
+            p50_ms=overall.p50_ms,
+            p90_ms=overall.p90_ms,
+            p99_ms=overall.p99_ms,
+            max_ms=overall.max_ms,
+            mean_ms=overall.mean_ms,
+            latencies_ms=list(self.latencies_ms),
+            tokens=self.tokens,
+            sent=self.sent,
+            checked=self.checked,
+            mode=mode,
+            by_bucket={b: Percentiles.of(lat) for b, lat in grouped.items() if lat},
+            seqs=list(self.seqs),
+        )
 
 
-async def _call(
-    stub: grpc.aio.UnaryUnaryMultiCallable, request: Request, timeout_s: float, check: Callable[[bytes], None] | None
-) -> tuple[float, float, str | None]:
-    """(sent, answered, error code name or None): one call, its answer checked when `check` is given."""
-    sent = time.perf_counter()
-    try:
-        answer = await stub(request.payload, timeout=timeout_s)
-        error = None
-    except grpc.aio.AioRpcError as e:
-        answer, error = b"", e.code().name
-    answered = time.perf_counter()
-    if error is None and check is not None:
-        try:
-            check(answer)
-        except Exception:  # any failure to parse or match is the server's fault here
-            error = BAD_RESPONSE
-    return sent, answered, error
-
-
-async def closed_loop(
-    stubs: Sequence[grpc.aio.UnaryUnaryMultiCallable], target: Target, config: LoadConfig, max_requests: int,
-    duration_s: float, check_first: bool,
-) -> _Recorder:  # fmt: skip
-    """`config.concurrency` callers over the stubs, until max_requests were sent or duration_s passed."""
+def summarize(target: str, latencies_ms: Sequence[float], elapsed_s: float, tokens: int, seq: int) -> LoadResult:
+    """A LoadResult of calls timed elsewhere (e.g. session.run in process), all of one sequence length."""
     recorder = _Recorder()
-    issued = itertools.count()
-    requests = itertools.cycle(target.requests)
-    stop_at = time.perf_counter() + duration_s
-    checked = not check_first
+    recorder.latencies_ms, recorder.seqs = list(latencies_ms), [seq] * len(latencies_ms)
+    recorder.tokens, recorder.sent = tokens, len(latencies_ms)
+    return recorder.result(target, 1, 0, "in process", elapsed_s)
+
+
+class _Run:
+    """One phase of a run: the target, its config, the recorder, and how one answer is judged."""
+
+    def __init__(self, target: Target, config: LoadConfig, max_requests: int, duration_s: float) -> None:
+        self.target, self.config = target, config
+        self.recorder = _Recorder(config.seq_buckets)
+        self.max_requests = max_requests
+        self.stop_at = time.perf_counter() + duration_s
+        self.duration_s = duration_s
+        self.requests = itertools.cycle(target.requests)
+        self.issued = itertools.count()
+
+    def may_send(self) -> bool:
+        """Bounded in count and time: False once max_requests were sent or the duration has passed."""
+        return time.perf_counter() < self.stop_at and next(self.issued) < self.max_requests
+
+    def judge(self, request: Request, message: object | None, answer: bytes | None) -> str | None:
+        """BAD_RESPONSE when a sampled answer fails its check, else None; parses only sampled answers."""
+        if request.check is None or not self.recorder.check_due(self.config.check_every):
+            return None
+        self.recorder.checked += 1
+        try:
+            request.check(self.target.api.parse(answer) if message is None else message)
+        except Exception:  # any failure to parse or match is the server's fault here
+            return BAD_RESPONSE
+        return None
+
+    async def call(self, stub: grpc.aio.UnaryUnaryMultiCallable, request: Request) -> None:
+        """One unary call, recorded."""
+        self.recorder.sent += 1
+        sent = time.perf_counter()
+        try:
+            answer = await stub(request.payload, timeout=self.config.timeout_s)
+            error = None
+        except grpc.aio.AioRpcError as e:
+            answer, error = b"", e.code().name
+        answered = time.perf_counter()
+        error = error or self.judge(request, None, answer)
+        self.recorder.record(sent, answered, request, error)
+
+
+async def closed_loop(run: _Run, channels: Sequence[grpc.aio.Channel]) -> None:
+    """`concurrency` callers over the channels, round robin, each one call at a time."""
+    stubs = [channel.unary_unary(run.target.api.unary_method) for channel in channels]
 
     async def caller(index: int) -> None:
-        nonlocal checked
         stub = stubs[index % len(stubs)]
-        while next(issued) < max_requests and time.perf_counter() < stop_at:
-            request = next(requests)
-            check = None if checked else target.check
-            sent, answered, error = await _call(stub, request, config.timeout_s, check)
-            checked = checked or error is None  # until one answer has been checked
-            recorder.record(sent, answered, request.tokens, error)
+        while run.may_send():
+            await run.call(stub, next(run.requests))
 
-    await asyncio.gather(*(caller(i) for i in range(config.concurrency)))
-    return recorder
+    await asyncio.gather(*(caller(i) for i in range(run.config.concurrency)))
 
 
-async def open_loop(
-    stubs: Sequence[grpc.aio.UnaryUnaryMultiCallable], target: Target, rate_rps: float, poisson: bool,
-    max_requests: int, duration_s: float, timeout_s: float, max_in_flight: int = 1024, seed: int = 0,
-) -> _Recorder:  # fmt: skip
-    """Requests at a fixed rate (constant gaps, or Poisson arrivals), whatever the answers' pace.
+async def stream_loop(run: _Run, channels: Sequence[grpc.aio.Channel]) -> None:
+    """`concurrency` callers, each over its own bidi stream: write a request, read its answer, repeat.
+    A stream that fails is recorded against the request it was carrying and reopened for the next."""
+    api, recorder = run.target.api, run.recorder
+
+    async def caller(index: int) -> None:
+        open_stream = channels[index % len(channels)].stream_stream(api.stream_method)
+        call = None
+        try:
+            while run.may_send():
+                request = next(run.requests)
+                call = call or open_stream(timeout=run.duration_s + run.config.timeout_s)
+                recorder.sent += 1
+                sent = time.perf_counter()
+                try:
+                    await call.write(request.payload)
+                    answer = await call.read()
+                    if answer is grpc.aio.EOF:
+                        raise RuntimeError("stream ended without an answer")
+                    message, error = api.unwrap_stream(answer)
+                except grpc.aio.AioRpcError as e:
+                    message, error, call = None, e.code().name, None
+                answered = time.perf_counter()
+                error = error or run.judge(request, message, None)
+                recorder.record(sent, answered, request, error)
+        finally:
+            if call is not None:
+                await call.done_writing()
+                call.cancel()
+
+    await asyncio.gather(*(caller(i) for i in range(run.config.concurrency)))
+
+
+async def open_loop(run: _Run, channels: Sequence[grpc.aio.Channel]) -> None:
+    """Requests at config.rate_rps (constant gaps, or Poisson arrivals), whatever the answers' pace.
 
     Bounded in count, time and in-flight calls: a send that would exceed max_in_flight is recorded as the
     error CLIENT_OVERLOADED instead of piling up. Returns once every call sent has been answered."""
-    recorder = _Recorder()
-    requests = itertools.cycle(target.requests)
-    gaps = np.random.default_rng(seed)
+    config = run.config
+    assert config.rate_rps is not None and config.rate_rps > 0
+    stubs = [channel.unary_unary(run.target.api.unary_method) for channel in channels]
+    gaps = np.random.default_rng(config.seed)
     in_flight: set[asyncio.Task[None]] = set()
-    started = time.perf_counter()
-    due = started
-
-    async def one(stub: grpc.aio.UnaryUnaryMultiCallable, request: Request) -> None:
-        sent, answered, error = await _call(stub, request, timeout_s, None)
-        recorder.record(sent, answered, request.tokens, error)
-
-    for n in range(max_requests):
-        due += gaps.exponential(1.0 / rate_rps) if poisson else 1.0 / rate_rps
-        if due - started > duration_s:
+    started = due = time.perf_counter()
+    for n in range(run.max_requests):
+        due += gaps.exponential(1.0 / config.rate_rps) if config.poisson else 1.0 / config.rate_rps
+        if due - started > run.duration_s:
             break
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        request = next(requests)
-        if len(in_flight) >= max_in_flight:
+        request = next(run.requests)
+        if len(in_flight) >= config.max_in_flight:
             now = time.perf_counter()
-            recorder.record(now, now, request.tokens, CLIENT_OVERLOADED)
+            run.recorder.sent += 1
+            run.recorder.record(now, now, request, CLIENT_OVERLOADED)
             continue
-        task = asyncio.create_task(one(stubs[n % len(stubs)], request))
+        task = asyncio.create_task(run.call(stubs[n % len(stubs)], request))
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
     await asyncio.gather(*in_flight)
-    return recorder
+
+
+async def _progress(recorder: _Recorder, out: TextIO) -> None:
+    """One line on `out`, rewritten every second, until cancelled."""
+    started = time.perf_counter()
+    while True:
+        await asyncio.sleep(1.0)
+        elapsed = time.perf_counter() - started
+        ok = len(recorder.latencies_ms)
+        print(
+            f"\r{elapsed:7.1f} s  sent {recorder.sent}  ok {ok}  errors {sum(recorder.errors.values())}  "
+            f"in flight {recorder.sent - recorder.answered}  {ok / elapsed:8.1f} req/s ",
+            end="", file=out, flush=True,
+        )  # fmt: skip
 
 
 def open_channels(address: str, count: int) -> list[grpc.aio.Channel]:
@@ -337,25 +377,50 @@ def open_channels(address: str, count: int) -> list[grpc.aio.Channel]:
     return [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
 
 
+async def _phase(
+    loop: Callable[[_Run, Sequence[grpc.aio.Channel]], Awaitable[None]], run: _Run,
+    channels: Sequence[grpc.aio.Channel], progress: TextIO | None,
+) -> _Recorder:  # fmt: skip
+    reporter = asyncio.create_task(_progress(run.recorder, progress)) if progress else None
+    try:
+        await loop(run, channels)
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+            print(file=progress)
+    return run.recorder
+
+
 async def run_load_async(address: str, target: Target, config: LoadConfig) -> LoadResult:
     channels = open_channels(address, config.channels)
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), timeout=30.0)
-        stubs = [channel.unary_unary(target.method) for channel in channels]  # bytes in, bytes out
         warmup = 2 * config.concurrency if config.warmup_requests is None else config.warmup_requests
-        warm = await closed_loop(stubs, target, config, warmup, config.warmup_s, check_first=True)
-        # Without a warm-up, the first measured answer is the one checked.
-        measured = await closed_loop(stubs, target, config, config.max_requests, config.duration_s, warmup == 0)
-        result = measured.result(target.name, config.concurrency, config.channels)
-        # A wrong answer in the warm-up is reported, not dropped: it is the only one checked.
-        for code, n in warm.errors.items():
-            if code == BAD_RESPONSE:
-                result.errors[code] = result.errors.get(code, 0) + n
+        warm = await closed_loop_phase(target, config, warmup, config.warmup_s, channels) if warmup else None
+        measured = _Run(target, config, config.max_requests, config.duration_s)
+        if warm is not None and warm.checked:
+            measured.recorder.checked = warm.checked  # the first answer was checked in the warm-up
+        loop = open_loop if config.rate_rps is not None else stream_loop if config.stream else closed_loop
+        recorder = await _phase(loop, measured, channels, sys.stderr if config.progress else None)
+        result = recorder.result(target.name, config.concurrency, config.channels, config.mode)
+        if warm is not None:  # a wrong answer in the warm-up is reported, not dropped
+            for code, n in warm.errors.items():
+                if code == BAD_RESPONSE:
+                    result.errors[code] = result.errors.get(code, 0) + n
         return result
     finally:
         for channel in channels:
             await channel.close()
+
+
+async def closed_loop_phase(
+    target: Target, config: LoadConfig, max_requests: int, duration_s: float, channels: Sequence[grpc.aio.Channel]
+) -> _Recorder:
+    """The warm-up: a closed loop of unary calls at config.concurrency."""
+    run = _Run(target, config, max_requests, duration_s)
+    await closed_loop(run, channels)
+    return run.recorder
 
 
 def run_load(address: str, target: Target, config: LoadConfig) -> LoadResult:
@@ -364,20 +429,44 @@ def run_load(address: str, target: Target, config: LoadConfig) -> LoadResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.load.loadgen", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tests.load.loadgen", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
     p.add_argument("address", help="host:port of the server")
-    p.add_argument("--api", choices=sorted(TARGETS), default="kserve")
-    p.add_argument("--shape", type=Shape.parse, default=Shape(1, 128, 512), help="batch,seq,d_model")
-    p.add_argument("-c", "--concurrency", type=int, default=1)
+    p.add_argument("--api", choices=sorted(APIS), default="kserve")
+    p.add_argument("--lengths", type=LengthMix.parse, default=LengthMix.fixed(128),
+                   help="sequence lengths: 128, a range 8-512, or a weighted list 16:3,128:1,512")  # fmt: skip
+    p.add_argument("--batch", type=int, default=1, help="sequences per request")
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--pool", type=int, default=64, help="requests drawn from the mix, sent in turn")
+    p.add_argument("--weights", action="store_true", help="ask for the attention weights too")
+    p.add_argument("-c", "--concurrency", type=int, default=1, help="closed-loop callers")
+    p.add_argument("--rate", type=float, default=None, help="open loop at this many requests/s")
+    p.add_argument("--poisson", action="store_true", help="open loop with Poisson arrivals")
+    p.add_argument("--max-in-flight", type=int, default=1024, help="open loop: most calls in flight")
+    p.add_argument("--stream", action="store_true", help="closed loop over one bidi stream per caller")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--requests", type=int, default=1000, help="most requests measured")
     p.add_argument("--duration", type=float, default=10.0, help="most seconds measured")
+    p.add_argument("--deadline-ms", type=float, default=120_000.0, help="each call's deadline")
     p.add_argument("--warmup-requests", type=int, default=None, help="default 2 × concurrency; 0: none")
     p.add_argument("--warmup-s", type=float, default=5.0)
-    p.add_argument("--no-check", action="store_true", help="don't parse the first answer (echo servers)")
+    p.add_argument("--check-every", type=int, default=0, help="check every Nth answer; 0: only the first")
+    p.add_argument("--verify", type=Path, metavar="MODEL_DIR", default=None,
+                   help="check answers' values against in-process onnxruntime on this model directory")  # fmt: skip
+    p.add_argument("--no-check", action="store_true", help="don't parse any answer (echo servers)")
+    p.add_argument("--seq-buckets", type=parse_bounds, default=DEFAULT_SEQ_BUCKETS, help="bucket upper bounds")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
-    target = TARGETS[args.api](args.shape)
+    if args.stream and args.rate is not None:
+        p.error("--stream runs a closed loop; it does not combine with --rate")
+    reference = model_dir_reference(args.verify) if args.verify else None
+    target = build_target(
+        args.api, args.lengths, batch=args.batch, d_model=args.d_model, pool=args.pool, weights=args.weights,
+        reference=reference,
+    )  # fmt: skip
     if args.no_check:
         target = target.without_check()
     config = LoadConfig(
@@ -387,9 +476,17 @@ def main(argv: list[str] | None = None) -> int:
         warmup_s=args.warmup_s,
         max_requests=args.requests,
         duration_s=args.duration,
+        timeout_s=args.deadline_ms / 1e3,
+        rate_rps=args.rate,
+        poisson=args.poisson,
+        max_in_flight=args.max_in_flight,
+        stream=args.stream,
+        check_every=args.check_every,
+        progress=args.progress,
+        seq_buckets=args.seq_buckets,
     )
     result = run_load(args.address, target, config)
-    print(json.dumps(result.to_dict()) if args.json else result.summary())
+    print(json.dumps(result.to_dict()) if args.json else result.table())
     return 0 if result.error_count == 0 else 1
 
 

@@ -14,9 +14,11 @@ import argparse
 import asyncio
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from tests.load.loadgen import LoadConfig, Shape, _Recorder, kserve_target, open_channels, open_loop, run_load_async
+from tests.load.loadgen import LoadConfig, run_load_async
+from tests.load.workload import Shape, kserve_target
 from tests.server_process import start_server
 
 MAX_RSS_GROWTH = 0.05
@@ -33,25 +35,19 @@ async def soak(address: str, pid: int, shape: Shape, minutes: float, warmup_s: f
     target = kserve_target(shape)
     capacity = await run_load_async(address, target, LoadConfig(concurrency=4, duration_s=5.0, max_requests=10**6))
     rate = max(capacity.throughput_rps / 2, 1.0)
-    channels = open_channels(address, 1)
-    stubs = [channels[0].unary_unary(target.method)]
-    try:
-        warm = await open_loop(stubs, target, rate, True, 10**9, warmup_s, timeout_s=30.0)
-        baseline_rss = rss_bytes(pid)
-        samples = [baseline_rss]
-        run = asyncio.create_task(open_loop(stubs, target, rate, True, 10**9, minutes * 60, timeout_s=30.0, seed=1))
-        while not run.done():
-            await asyncio.wait({run}, timeout=sample_s)
-            samples.append(rss_bytes(pid))
-        measured: _Recorder = run.result()
-    finally:
-        await channels[0].close()
-    result = measured.result(target.name, 0, 1)
+    half = LoadConfig(rate_rps=rate, poisson=True, warmup_requests=0, max_requests=10**9, timeout_s=30.0)
+    warm = await run_load_async(address, target, replace(half, duration_s=warmup_s))
+    baseline_rss = rss_bytes(pid)
+    samples = [baseline_rss]
+    run = asyncio.create_task(run_load_async(address, target, replace(half, duration_s=minutes * 60, seed=1)))
+    while not run.done():
+        await asyncio.wait({run}, timeout=sample_s)
+        samples.append(rss_bytes(pid))
     return {
         "capacity_rps": capacity.throughput_rps,
         "rate_rps": rate,
-        "warmup_errors": dict(warm.errors),
-        "result": result,
+        "warmup_errors": warm.errors,
+        "result": run.result(),
         "rss_after_warmup": baseline_rss,
         "rss_max": max(samples),
         "growth": max(samples) / baseline_rss - 1.0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -18,12 +19,11 @@ import pytest
 from model.reference import relative_l2
 from service._pb.attnserve.v1 import attention_pb2 as v1
 from service._pb.attnserve.v1 import attention_pb2_grpc as v1_grpc
-from service._pb.inference import grpc_service_pb2 as kserve
-from service._pb.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.api.v1_codec import tensor_from_pb, tensor_to_pb
 from service.engine import Engine
 from service.model_dir import load_model_directory
-from tests.load.loadgen import kserve_request
+from tests.load.loadgen import BAD_RESPONSE, LoadConfig, run_load
+from tests.load.workload import LengthMix, Reference, build_target, engine_reference
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.load
@@ -44,53 +44,42 @@ def _inputs(seed: int) -> tuple[np.ndarray, int]:
     return rng.standard_normal((1, seq, D_MODEL), dtype=np.float32), seq
 
 
-def _kserve_output(response: kserve.ModelInferResponse) -> np.ndarray:
-    return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(tuple(response.outputs[0].shape))
+def _off_by(reference: Reference, scale: float) -> Reference:
+    def wrong(x: np.ndarray, weights: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        output, probs = reference(x, weights)
+        return output * scale, probs
+
+    return wrong
 
 
-async def _mixed_load(address: str, api: str, concurrency: int, seconds: float, max_per_worker: int) -> dict:
-    sent, codes, samples = 0, Counter(), []
-    stop_at = time.monotonic() + seconds
-    async with grpc.aio.insecure_channel(address) as channel:
-        kserve_stub, v1_stub = kserve_grpc.GRPCInferenceServiceStub(channel), v1_grpc.AttentionServiceStub(channel)
-
-        async def worker(index: int) -> None:
-            nonlocal sent
-            for n in range(max_per_worker):  # bounded in count and in time
-                if time.monotonic() >= stop_at:
-                    return
-                seed = index * 100_000 + n
-                x, _ = _inputs(seed)
-                sent += 1
-                try:
-                    if api == "kserve":
-                        output = _kserve_output(
-                            await kserve_stub.ModelInfer(kserve_request(x, request_id=str(seed)), timeout=30)
-                        )
-                    else:
-                        response = await v1_stub.Attend(
-                            v1.AttendRequest(id=str(seed), hidden_states=tensor_to_pb(x)), timeout=30
-                        )
-                        output = tensor_from_pb("output", response.output, ("b", "s", "d"), (v1.FP32,))
-                    codes[grpc.StatusCode.OK] += 1
-                    if seed % SAMPLE_EVERY == 0:
-                        samples.append((x, output))
-                except grpc.aio.AioRpcError as e:
-                    codes[e.code()] += 1
-
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return {"sent": sent, "codes": codes, "samples": samples}
+MIX = LengthMix(LENGTHS)
+MIXED_16 = LoadConfig(concurrency=16, warmup_requests=0, duration_s=4.0, max_requests=6400, check_every=SAMPLE_EVERY,
+                      timeout_s=30.0)  # fmt: skip
 
 
 @pytest.mark.parametrize("api", ["kserve", "v1"])
 def test_mixed_lengths_at_concurrency_16(server: ServerProcess, in_process: Engine, api: str) -> None:
-    outcome = asyncio.run(_mixed_load(server.address, api, concurrency=16, seconds=4.0, max_per_worker=400))
-    codes = outcome["codes"]
-    assert sum(codes.values()) == outcome["sent"] > 32  # every request sent was answered
-    assert codes == Counter({grpc.StatusCode.OK: outcome["sent"]}), codes
-    assert outcome["samples"]
-    for x, output in outcome["samples"]:
-        assert relative_l2(output, in_process.run(x, None, want_probs=False).output) <= 1e-5
+    result = run_load(server.address, build_target(api, MIX, reference=engine_reference(in_process)), MIXED_16)
+    assert result.sent == result.count > 32 and not result.errors, result.table()  # every request answered OK
+    assert result.checked >= result.count // SAMPLE_EVERY  # sampled answers equal in-process onnxruntime's
+    assert set(result.by_bucket) == {"16", "64", "256", "1024"}
+
+
+@pytest.mark.parametrize("api", ["kserve", "v1"])
+def test_streams_with_weights_at_concurrency_8(server: ServerProcess, in_process: Engine, api: str) -> None:
+    target = build_target(api, LengthMix.parse("8-96"), pool=16, weights=True, reference=engine_reference(in_process))
+    config = replace(MIXED_16, concurrency=8, duration_s=2.0, stream=True, check_every=3)
+    result = run_load(server.address, target, config)
+    assert result.sent == result.count > 16 and not result.errors, result.table()
+    assert result.checked >= result.count // 3
+
+
+def test_a_wrong_answer_under_load_is_caught(server: ServerProcess, in_process: Engine) -> None:
+    """The sampled check can fail: against a reference off by 0.1%, every checked answer is BAD_RESPONSE."""
+    target = build_target("kserve", MIX, reference=_off_by(engine_reference(in_process), 1.001))
+    result = run_load(server.address, target, replace(MIXED_16, duration_s=1.0, check_every=2))
+    assert result.errors == {BAD_RESPONSE: result.checked} and result.checked > 0
+    assert result.sent == result.count + result.checked
 
 
 def test_a_stream_under_load_answers_every_request_by_id(server: ServerProcess, in_process: Engine) -> None:

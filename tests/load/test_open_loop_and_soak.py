@@ -2,39 +2,36 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
 from tests.load import soak
-from tests.load.loadgen import CLIENT_OVERLOADED, Shape, _Recorder, kserve_target, open_channels, open_loop
+from tests.load.loadgen import CLIENT_OVERLOADED, LoadConfig, LoadResult, run_load
+from tests.load.workload import Shape, kserve_target
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.load
 
 
-async def _drive(address: str, rate: float, poisson: bool, seconds: float, max_in_flight: int = 1024) -> _Recorder:
-    target = kserve_target(Shape(1, 16, 512))
-    (channel,) = open_channels(address, 1)
-    try:
-        stubs = [channel.unary_unary(target.method)]
-        return await open_loop(stubs, target, rate, poisson, 10_000, seconds, 30.0, max_in_flight)
-    finally:
-        await channel.close()
+def _drive(address: str, rate: float, poisson: bool, seconds: float, max_in_flight: int = 1024) -> LoadResult:
+    config = LoadConfig(
+        rate_rps=rate, poisson=poisson, duration_s=seconds, max_requests=10_000, warmup_requests=0, timeout_s=30.0,
+        max_in_flight=max_in_flight,
+    )  # fmt: skip
+    return run_load(address, kserve_target(Shape(1, 16, 512)), config)
 
 
 @pytest.mark.parametrize("poisson", [False, True], ids=["constant", "poisson"])
 def test_open_loop_sends_at_its_rate(server: ServerProcess, poisson: bool) -> None:
-    recorder = asyncio.run(_drive(server.address, 40.0, poisson, 2.0))
-    result = recorder.result("open", 0, 1)
+    result = _drive(server.address, 40.0, poisson, 2.0)
     assert not result.errors, result.errors
+    assert result.sent == result.count and result.checked == 1
     assert 50 <= result.count <= 110  # 80 expected; Poisson arrivals wander
 
 
 def test_open_loop_is_bounded_in_flight(server: ServerProcess) -> None:
-    recorder = asyncio.run(_drive(server.address, 2000.0, False, 0.5, max_in_flight=4))
-    result = recorder.result("open", 0, 1)
+    result = _drive(server.address, 2000.0, False, 0.5, max_in_flight=4)
     assert result.errors.get(CLIENT_OVERLOADED, 0) > 0 and result.count > 0
     assert set(result.errors) == {CLIENT_OVERLOADED}
 

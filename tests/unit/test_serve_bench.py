@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bench.serve_bench import start_bench_server, stop_process
-from tests.load.loadgen import LoadConfig, LoadResult, Shape, kserve_target, run_load, v1_target
+from tests.load.loadgen import LoadConfig, LoadResult, run_load
+from tests.load.workload import Shape, kserve_target, v1_target
 from tests.server_process import ServerProcess
 
 SHAPE = Shape(1, 16, 512)
