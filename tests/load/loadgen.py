@@ -40,6 +40,7 @@ KSERVE_INFER = KSERVE.unary_method
 V1_ATTEND = V1.unary_method
 CLIENT_OVERLOADED = "CLIENT_OVERLOADED"  # open loop: too many calls in flight, not sent
 BAD_RESPONSE = "BAD_RESPONSE"  # the error "code" of an answer that does not check out
+STREAM_ENDED = "STREAM_ENDED"  # a stream closed without answering the request it carried
 # No message-size limit on the client: the server's own limit is what a run should meet.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
@@ -312,9 +313,10 @@ async def stream_loop(run: _Run, channels: Sequence[grpc.aio.Channel]) -> None:
                 try:
                     await call.write(request.payload)
                     answer = await call.read()
-                    if answer is grpc.aio.EOF:
-                        raise RuntimeError("stream ended without an answer")
-                    message, error = api.unwrap_stream(answer)
+                    if answer is grpc.aio.EOF:  # closed by the server with OK status, this request unanswered
+                        message, error, call = None, STREAM_ENDED, None
+                    else:
+                        message, error = api.unwrap_stream(answer)
                 except grpc.aio.AioRpcError as e:
                     message, error, call = None, e.code().name, None
                 answered = time.perf_counter()
