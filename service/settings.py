@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.seq_buckets import DEFAULT_SEQ_BUCKETS, parse_bounds
+
 # Large enough for batch 8 × seq 2048 × d_model 512 in FP32 (32 MiB) with room for the envelope.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -69,6 +71,16 @@ class Settings(BaseSettings):
     auth_token: str | None = Field(None, description="bearer token required in `authorization` metadata")
     auth_token_file: Path | None = Field(None, description="file holding the bearer token (wins over auth_token)")
 
+    metrics: bool = Field(
+        True, description="record Prometheus metrics and serve /metrics; false: neither (see make bench-metrics)"
+    )
+    seq_buckets: str = Field(
+        ",".join(map(str, DEFAULT_SEQ_BUCKETS)),
+        description="upper bounds of the seq_bucket metric label, increasing; longer sequences fall in +Inf",
+    )
+    access_log: Literal["all", "errors", "off"] = Field(
+        "all", description="one JSON line per answered request on stdout: every request, failed ones only, or none"
+    )
     log_level: str = Field("INFO", description="logging level")
 
     @model_validator(mode="after")
@@ -77,7 +89,12 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        parse_bounds(self.seq_buckets)  # a clear error at start-up, not at the first request
         return self
+
+    @property
+    def seq_bucket_bounds(self) -> tuple[int, ...]:
+        return parse_bounds(self.seq_buckets)
 
     def bearer_token(self) -> str | None:
         """The token clients must send, read from auth_token_file when set."""

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+) \((\w+)\), metrics :(\d+)")
+READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+) \((\w+)\), metrics (?::(\d+)|off)")
+ACCESS_LINES_KEPT = 100_000
 
 
 @dataclass
@@ -21,6 +23,7 @@ class ServerProcess:
     grpc_port: int
     metrics_port: int
     log_lines: list[str] = field(default_factory=list)
+    access_lines: deque[str] = field(default_factory=lambda: deque(maxlen=ACCESS_LINES_KEPT))  # stdout: JSON
 
     @property
     def address(self) -> str:
@@ -60,7 +63,7 @@ def start_server(
     process = subprocess.Popen(
         server_command(model_dir, *args),
         stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
         cwd=Path(__file__).resolve().parents[1],
@@ -78,7 +81,15 @@ def start_server(
                 ready.set()
         ready.set()
 
+    access: deque[str] = deque(maxlen=ACCESS_LINES_KEPT)
+
+    def pump_access() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            access.append(line)
+
     threading.Thread(target=pump, daemon=True).start()
+    threading.Thread(target=pump_access, daemon=True).start()
     deadline = time.monotonic() + timeout_s
     while not ready.wait(0.1):
         if time.monotonic() > deadline:
@@ -87,4 +98,4 @@ def start_server(
     if not found:
         process.wait(10)
         raise RuntimeError(f"server exited with {process.returncode} before ready:\n" + "".join(lines))
-    return ServerProcess(process, int(found[0].group(1)), int(found[0].group(3)), lines)
+    return ServerProcess(process, int(found[0].group(1)), int(found[0].group(3) or 0), lines, access)

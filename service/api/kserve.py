@@ -15,6 +15,7 @@ from service.api.status import grpc_errors, status_of
 from service.api.streams import answer_each
 from service.dataplane import DataPlane
 from service.engine import Engine
+from service.observe import Observer
 from service.settings import Settings
 
 SERVER_NAME = "attnserve"
@@ -23,8 +24,9 @@ EXTENSIONS = ("model_configuration", "statistics", "streaming")
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, engine: Engine, settings: Settings) -> None:
+    def __init__(self, dataplane: DataPlane, engine: Engine, settings: Settings, observer: Observer) -> None:
         self.dataplane = dataplane
+        self.observer = observer
         self.engine = engine
         self.settings = settings
         self.name = settings.model_name
@@ -85,14 +87,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, context)
+        return await self._infer(request, context, "ModelInfer")
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterable[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context))
+                return pb.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, context, "ModelStreamInfer")
+                )
             except Exception as error:  # a bad request ends its own answer, not the stream
                 _, message = status_of(error)
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
@@ -101,8 +105,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for response in answer_each(request_iterator, answer):
             yield response
 
-    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        call = codec.infer_request_from_pb(request, self.name)
-        call.request.deadline = deadline_of(context)
-        result = await self.dataplane.attend(call.request)
-        return codec.infer_response_to_pb(call, result, self.name)
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, method: str
+    ) -> pb.ModelInferResponse:
+        with self.observer.observe("kserve", method) as seen:
+            call = codec.infer_request_from_pb(request, self.name)
+            call.request.deadline = deadline_of(context)
+            seen.request = call.request
+            seen.result = await self.dataplane.attend(call.request)
+            return codec.infer_response_to_pb(call, seen.result, self.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -22,13 +23,20 @@ STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
 }
 
 
+def code_of(error: BaseException) -> grpc.StatusCode:
+    """The status code an exception ends its call with (nothing logged: status_of does that)."""
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED  # the client went away (or the server is stopping)
+    return next((code for kind, code in STATUS_CODES.items() if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """(code, message) for any exception; only our own bugs become INTERNAL, and those are logged."""
-    for kind, code in STATUS_CODES.items():
-        if isinstance(error, kind):
-            return code, str(error)
+    code = code_of(error)
+    if code != grpc.StatusCode.INTERNAL:
+        return code, str(error)
     log.error("internal error", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); the server logged the details"
+    return code, f"internal error ({type(error).__name__}); the server logged the details"
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])

@@ -15,24 +15,27 @@ from service.api.status import grpc_errors, status_of
 from service.api.streams import answer_each
 from service.dataplane import DataPlane
 from service.engine import Engine
+from service.observe import Observer
 
 
 class AttentionServicer(pb_grpc.AttentionServiceServicer):
-    def __init__(self, dataplane: DataPlane, engine: Engine, model_name: str) -> None:
+    def __init__(self, dataplane: DataPlane, engine: Engine, model_name: str, observer: Observer) -> None:
         self.dataplane = dataplane
+        self.observer = observer
         self.engine = engine
         self.model_name = model_name
 
     @grpc_errors
     async def Attend(self, request: pb.AttendRequest, context: grpc.aio.ServicerContext) -> pb.AttendResponse:
-        return await self._attend(request, context)
+        return await self._attend(request, context, "Attend")
 
     async def AttendStream(
         self, request_iterator: AsyncIterable[pb.AttendRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AttendStreamResponse]:
         async def answer(request: pb.AttendRequest) -> pb.AttendStreamResponse:
             try:
-                return pb.AttendStreamResponse(id=request.id, response=await self._attend(request, context))
+                response = await self._attend(request, context, "AttendStream")
+                return pb.AttendStreamResponse(id=request.id, response=response)
             except Exception as error:  # a bad request ends its own answer, not the stream
                 code, message = status_of(error)
                 return pb.AttendStreamResponse(id=request.id, error=pb.Error(code=code.value[0], message=message))
@@ -44,8 +47,12 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return codec.model_info_to_pb(self.model_name, MODEL_VERSION, self.engine, self.dataplane.limits)
 
-    async def _attend(self, request: pb.AttendRequest, context: grpc.aio.ServicerContext) -> pb.AttendResponse:
-        core_request = codec.attend_request_from_pb(request)
-        core_request.deadline = deadline_of(context)
-        result = await self.dataplane.attend(core_request)
-        return codec.attend_response_to_pb(core_request, result)
+    async def _attend(
+        self, request: pb.AttendRequest, context: grpc.aio.ServicerContext, method: str
+    ) -> pb.AttendResponse:
+        with self.observer.observe("v1", method) as seen:
+            core_request = codec.attend_request_from_pb(request)
+            core_request.deadline = deadline_of(context)
+            seen.request = core_request
+            seen.result = await self.dataplane.attend(core_request)
+            return codec.attend_response_to_pb(core_request, seen.result)
