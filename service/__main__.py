@@ -32,25 +32,12 @@ async def serve(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _access_log_to_stdout() -> None:
-    """Access lines are JSON for machines: bare, on stdout, apart from the human log on stderr."""
-    from service.observe import ACCESS_LOGGER
-
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access = logging.getLogger(ACCESS_LOGGER)
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)  # --access-log decides, not --log-level
-    access.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         settings = parse_settings(argv)
         logging.getLogger().setLevel(settings.log_level.upper())
-        _access_log_to_stdout()
         return asyncio.run(serve(argv))
     except ValidationError as e:
         print(f"attnserve: bad settings: {e}", file=sys.stderr)

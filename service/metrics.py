@@ -102,6 +102,7 @@ class Metrics:
         self.build_info = Gauge("attnserve_build_info", "attnserve build (value 1)", ["version", "python"], registry=r)
         self.build_info.labels(__version__, platform.python_version()).set(1)
         self._children: dict[tuple, object] = {}  # label values -> child metric, off the labels() slow path
+        self._request_children: dict[tuple[str, str, str, str], tuple] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -122,11 +123,17 @@ class Metrics:
     ) -> None:
         """One answered request (OK or not); tokens counted only when it was answered OK."""
         bucket = self.seq_bucket(seq)
-        exemplar = {"request_id": request_id[:64]} if request_id else None  # OpenMetrics caps exemplar labels
-        self._child(self.request_duration, api, method, code, bucket).observe(seconds, exemplar)  # type: ignore[call-arg]
-        self._child(self.requests, api, method, code).inc()
-        if tokens and code == "OK":
-            self._child(self.tokens, bucket).inc(tokens)
+        key = (api, method, code, bucket)
+        children = self._request_children.get(key)
+        if children is None:  # first request of its kind: one labels() lookup, then cached
+            tokens_child = self.tokens.labels(bucket) if code == "OK" else None
+            children = (self.request_duration.labels(*key), self.requests.labels(api, method, code), tokens_child)
+            self._request_children[key] = children
+        duration, count, tokens_total = children
+        duration.observe(seconds, {"request_id": request_id[:64]} if request_id else None)  # OpenMetrics caps it
+        count.inc()
+        if tokens and tokens_total is not None:
+            tokens_total.inc(tokens)
 
     def observe_queue(self, seq: int, seconds: float) -> None:
         self._child(self.queue_duration, self.seq_bucket(seq)).observe(seconds)  # type: ignore[union-attr]

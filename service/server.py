@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 
 import grpc
@@ -23,7 +24,7 @@ from service.errors import ListenError
 from service.limits import Limits
 from service.metrics import Metrics, NullMetrics
 from service.model_dir import load_model_directory
-from service.observe import Observer
+from service.observe import AccessLog, Observer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,9 @@ class AttnServer:
             settings.model_name, model.d_model, model.num_heads, self.engine.provider, model.weights_sha256
         )
         self.metrics.track(lambda: self.dataplane.inflight, lambda: self.batcher.queue_depth)
-        observer = Observer(self.metrics, settings.access_log)
+        self.access_log = AccessLog(sys.stdout, settings.access_log) if settings.access_log != "off" else None
+        self._flusher: asyncio.Task[None] | None = None
+        observer = Observer(self.metrics, self.access_log)
         self.health = health_aio.HealthServicer()
         token = settings.bearer_token()
         interceptors = [BearerTokenInterceptor(token)] if token else []
@@ -164,6 +167,8 @@ class AttnServer:
                 f"metrics cannot listen on {self.settings.host}:{self.settings.metrics_port}: {e}"
             ) from None
         await self.server.start()
+        if self.access_log is not None:
+            self._flusher = asyncio.create_task(self.access_log.flush_periodically())
         if self.settings.warmup:
             seconds = await asyncio.to_thread(self.engine.warm_up, self.limits.max_weights_seq_len)
             log.info("warm-up done in %.2f s", seconds)
@@ -203,3 +208,7 @@ class AttnServer:
             await self.health_server.stop(grace=None)
         await asyncio.to_thread(self.batcher.close)
         self.metrics.close()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self.access_log is not None:
+            self.access_log.flush()

@@ -1,0 +1,392 @@
+"""`make bench-metrics`: what Prometheus metrics and the JSON access log cost in throughput.
+
+Three servers (`python -m service`, one process each): **full** = the defaults (metrics on, access log all),
+**metrics** = metrics on, access log off, **off** = `--metrics false --access-log off`. One load client in
+this process drives KServe ModelInfer at (1,16,512), closed loop, concurrency 8 (the shape where the
+per-request overhead weighs most), and optionally attnserve.v1 Attend (--v1). Every round runs each server
+for --round-s seconds, in an order rotated round by round, after one warm-up round that is not counted;
+only one server is loaded at a time. Each round gives throughput(variant) / throughput(off) from adjacent
+measurements; the report has the median and min–max of those ratios, pooled req/s, p50/p99 and server CPU
+per request, and the verdict against the 3% limit. Exit 0 whatever the verdict (it is in the report); 1 if
+a server erred.
+
+    python -m bench.metrics_bench --model-dir models/attention --out reports/metrics_bench.md [--rounds N]
+        [--round-s S] [--v1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import onnxruntime as ort
+
+from bench.serve_bench import CpuMeter, _proc_cpu_s
+from tests.load.loadgen import LoadConfig, LoadResult, run_load
+from tests.load.workload import Shape, Target, kserve_target, v1_target
+from tests.server_process import READY, server_command
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = Shape(1, 16)
+CONCURRENCY = 8
+LIMIT = 0.03  # the most throughput metrics may cost
+BASELINE = "off"
+# name -> (extra `python -m service` flags, what it is)
+VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "full": ((), "metrics on, access log all: the defaults"),
+    "metrics": (("--access-log", "off"), "metrics on, access log off"),
+    "off": (("--metrics", "false", "--access-log", "off"), "metrics off, access log off"),
+}
+# --control: a second `off` server, measured like the others. Its ratio to `off` should be 1; how far it is
+# shows what this machine's noise alone makes of the ratios in the same run (an A/A test).
+CONTROL = "off2"
+ALL_VARIANTS = {**VARIANTS, CONTROL: (VARIANTS[BASELINE][0], "the same as off: A/A control")}
+# The verdict line, for tests and tools that read the report.
+VERDICT_LINE = re.compile(r"`(\w+)` .*metrics on vs off: loss (-?\d+\.\d)% \(limit 3%\) — (PASS|FAIL)")
+BLOCK_WARMUP_REQUESTS = 16  # each block opens a fresh channel: its first calls pay for the connection
+
+
+# ---------------------------------------------------------------------------------------------- servers
+
+
+class ServerError(RuntimeError):
+    """A server answered with an error or exited mid-run: the numbers mean nothing."""
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen
+    address: str
+    access_path: Path  # the server's stdout: its access-log lines
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def access_lines(self) -> int:
+        with self.access_path.open("rb") as f:
+            return sum(1 for _ in f)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_variant(model_dir: Path, name: str, log_dir: Path, timeout_s: float = 120.0) -> Server:
+    """`python -m service` with the variant's flags; stdout (the access log) goes to a file.
+
+    Not tests.server_process.start_server: that reads stdout in a thread of this process, which would take
+    the GIL from the load client only while `full` runs and bias the ratio. A file costs the server the same
+    write(2) per line as the pipe a container runtime reads, and nothing here."""
+    access_path = log_dir / f"{name}.access.jsonl"
+    with access_path.open("wb") as stdout:
+        process = subprocess.Popen(
+            server_command(model_dir, *ALL_VARIANTS[name][0]),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+    lines: list[str] = []
+    ready = threading.Event()
+    port: list[int] = []
+
+    def pump() -> None:  # keeps draining stderr after ready so the pipe never fills and blocks the server
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if not port and (match := READY.search(line)):
+                port.append(int(match.group(1)))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout_s) or not port:
+        process.kill()
+        raise RuntimeError(f"{name}: server not ready (exit {process.poll()}):\n" + "".join(lines))
+    return Server(name, process, f"127.0.0.1:{port[0]}", access_path)
+
+
+def start_servers(model_dir: Path, log_dir: Path, names: Sequence[str] = tuple(VARIANTS)) -> dict[str, Server]:
+    """One server per variant, started in parallel; none left running if one fails."""
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = {name: pool.submit(start_variant, model_dir, name, log_dir) for name in names}
+    servers, failed = {}, []
+    for name, future in futures.items():
+        try:
+            servers[name] = future.result()
+        except Exception as e:
+            failed.append(str(e))
+    if failed:
+        for server in servers.values():
+            server.stop()
+        raise RuntimeError("servers failed to start:\n" + "\n".join(failed))
+    return servers
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+
+def rotated(names: Sequence[str], round_: int) -> list[str]:
+    """Round r starts with the (r mod n)th variant, so each one goes first, second, … equally often."""
+    k = round_ % len(names)
+    return [*names[k:], *names[:k]]
+
+
+@dataclass
+class Series:
+    """One API's rounds: per variant, one LoadResult per counted round (same index = same round)."""
+
+    api: str
+    blocks: dict[str, list[LoadResult]]
+    orders: list[list[str]]
+    # Per variant, per round: (server CPU seconds, requests it answered, warm-up included): what a request
+    # costs the server in CPU, a second view of the overhead besides throughput.
+    cpu: dict[str, list[tuple[float, int]]]
+
+    def ratios(self, name: str) -> list[float]:
+        """throughput(name) / throughput(off), round by round."""
+        return [
+            r.throughput_rps / b.throughput_rps if b.throughput_rps > 0 else float("nan")
+            for r, b in zip(self.blocks[name], self.blocks[BASELINE], strict=True)
+        ]
+
+    def merged(self, name: str) -> LoadResult:
+        return LoadResult.merge(self.blocks[name])
+
+    def cpu_us_per_request(self, name: str) -> float:
+        """Server CPU (all its threads) per answered request, pooled over the rounds."""
+        seconds = sum(s for s, _ in self.cpu[name])
+        return seconds / max(sum(n for _, n in self.cpu[name]), 1) * 1e6
+
+
+def measure(servers: dict[str, Server], target: Target, api: str, rounds: int, round_s: float) -> Series:
+    """A warm-up round, then `rounds` rounds of every variant for round_s each, in rotated order."""
+    names = list(servers)
+    series = Series(api, {name: [] for name in names}, [], {name: [] for name in names})
+    config = LoadConfig(
+        concurrency=CONCURRENCY,
+        warmup_requests=BLOCK_WARMUP_REQUESTS,
+        warmup_s=max(round_s, 1.0),
+        max_requests=10**9,  # bounded by time only
+        duration_s=round_s,
+    )
+    for round_ in range(-1, rounds):  # round -1: the warm-up, not counted
+        order = rotated(names, round_ + 1)
+        results: dict[str, LoadResult] = {}
+        cpu: dict[str, tuple[float, int]] = {}
+        for name in order:
+            server = servers[name]
+            cpu_before = _proc_cpu_s(server.process.pid)
+            result = run_load(server.address, target, config)
+            cpu[name] = (_proc_cpu_s(server.process.pid) - cpu_before, result.count + BLOCK_WARMUP_REQUESTS)
+            if result.errors or not server.alive():
+                raise ServerError(f"{name} ({api}): errors {result.errors}, exit {server.process.poll()}")
+            results[name] = result
+            time.sleep(0.05)  # let the last server's threads go idle before the next one is loaded
+        label = "warm-up" if round_ < 0 else f"round {round_ + 1}/{rounds}"
+        rates = "  ".join(f"{name} {results[name].throughput_rps:7.0f}" for name in order)
+        print(f"  {api} {label:<12} req/s: {rates}", flush=True)
+        if round_ >= 0:
+            series.orders.append(order)
+            for name, result in results.items():
+                series.blocks[name].append(result)
+                series.cpu[name].append(cpu[name])
+    return series
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+@dataclass(frozen=True)
+class Verdict:
+    api: str
+    name: str
+    loss: float  # 1 − median ratio; negative: faster than off
+    loss_min: float
+    loss_max: float
+
+    @property
+    def passed(self) -> bool:
+        return self.loss <= LIMIT
+
+    def line(self) -> str:
+        return (
+            f"{self.api} `{self.name}` ({ALL_VARIANTS[self.name][1]}): metrics on vs off: loss {self.loss:.1%} "
+            f"(limit {LIMIT:.0%}) — {'PASS' if self.passed else 'FAIL'}; per round {self.loss_min:.1%} to "
+            f"{self.loss_max:.1%}"
+        )
+
+
+def verdicts(series: Series) -> list[Verdict]:
+    out = []
+    for name in series.blocks:
+        if name in (BASELINE, CONTROL):
+            continue
+        ratios = series.ratios(name)
+        out.append(Verdict(series.api, name, 1 - statistics.median(ratios), 1 - max(ratios), 1 - min(ratios)))
+    return out
+
+
+def control_line(series: Series) -> str | None:
+    """With --control: the A/A ratio, whose distance from 1 is the noise floor of this run's ratios."""
+    if CONTROL not in series.blocks:
+        return None
+    ratios = series.ratios(CONTROL)
+    return (
+        f"{series.api} A/A control `{CONTROL}` (identical to `off`): ratio {statistics.median(ratios):.3f}, per "
+        f"round {min(ratios):.3f}–{max(ratios):.3f}; losses closer to 0 than |1 − that| are within this run's noise"
+    )
+
+
+def table(series: Series) -> list[str]:
+    lines = [
+        "| API | variant | settings | req/s | p50 ms | p99 ms | req/s ÷ off: median | spread (min–max) | "
+        "server CPU µs/req | Δ vs off | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    off_cpu = series.cpu_us_per_request(BASELINE)
+    for name in series.blocks:
+        settings = ALL_VARIANTS[name][1]
+        merged, ratios = series.merged(name), series.ratios(name)
+        ratio = "1 (reference)" if name == BASELINE else f"{statistics.median(ratios):.3f}"
+        spread = "–" if name == BASELINE else f"{min(ratios):.3f}–{max(ratios):.3f}"
+        cpu = series.cpu_us_per_request(name)
+        delta = "–" if name == BASELINE else f"{cpu - off_cpu:+.0f}"
+        lines.append(
+            f"| {series.api} | {name} | {settings} | {merged.throughput_rps:.0f} | {merged.p50_ms:.2f} | "
+            f"{merged.p99_ms:.2f} | {ratio} | {spread} | {cpu:.0f} | {delta} | {merged.count} |"
+        )
+    return lines
+
+
+def code_version() -> str:
+    """The commit, and whether service/ differs from it: the servers run whatever is on disk when they start."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "service"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return f"{commit} + uncommitted changes in service/" if changed else commit
+
+
+def report(
+    all_series: list[Series],
+    usage: dict[str, float],
+    access: dict[str, int],
+    code: str,
+    args: argparse.Namespace,
+    wall_s: float,
+) -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    flags = "".join(f" --{flag}" for flag in ("v1", "control", "quick") if getattr(args, flag))
+    lines = [
+        "# Metrics overhead benchmark",
+        "",
+        f"`python -m bench.metrics_bench --rounds {args.rounds} --round-s {args.round_s:g}{flags}`, "
+        f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, on "
+        f"{platform.processor() or platform.machine()}, {cores} cores; onnxruntime {ort.__version__}, grpcio "
+        f"{grpc.__version__}, Python {platform.python_version()}; model `{args.model_dir}`; code {code}. Whole "
+        f"run {wall_s:.0f} s; other processes used {usage['others_cpu_fraction']:.0%} of the machine meanwhile.",
+        "",
+        f"Load: {SHAPE}, closed loop, concurrency {CONCURRENCY}, one channel; {args.rounds} counted rounds of "
+        f"{args.round_s:g} s per variant after one warm-up round. Access-log lines written by the servers: "
+        + ", ".join(f"{name} {n}" for name, n in access.items())
+        + " (stdout to a file).",
+        "",
+    ]
+    for series in all_series:
+        lines += [*table(series), ""]
+    lines += ["## Verdict", ""]
+    lines += [f"- {v.line()}" for series in all_series for v in verdicts(series)]
+    lines += [f"- {line}" for series in all_series if (line := control_line(series))]
+    lines += [
+        "",
+        "## Method",
+        "",
+        "Every round runs each server in turn for the round's length, the order rotated round by round and a "
+        "first warm-up round not counted, with only the measured server under load; a variant's ratio for a "
+        "round is its throughput over `off`'s in that same round, so machine noise slower than a round cancels "
+        "out, and the table gives the median ratio and its min–max over rounds (req/s, p50 and p99 pooled over "
+        "all rounds). Loss = 1 − median ratio; the limit is 3%. *Server CPU µs/req*: the server process's CPU time "
+        "(all threads, /proc) over the requests it answered, pooled over rounds; the difference from `off` is what "
+        "the metrics and the access log cost per request in CPU (ORT's compute included in all three; it moves with "
+        "the machine's noise too).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.metrics_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, default=Path("models/attention"))
+    p.add_argument("--out", type=Path, default=Path("reports/metrics_bench.md"))
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--round-s", type=float, default=3.0, help="seconds each variant runs per round")
+    p.add_argument("--v1", action="store_true", help="also measure attnserve.v1 Attend (doubles the run)")
+    p.add_argument("--control", action="store_true", help="also an A/A control: a second `off` server")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 0.5 s (tests)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.round_s = 2, 0.5
+    if not (args.model_dir / "config.json").is_file():
+        raise SystemExit(f"bench.metrics_bench: no model at {args.model_dir}; run `make export` first")
+    started = time.perf_counter()
+    targets = [("kserve", kserve_target(SHAPE))] + ([("v1", v1_target(SHAPE))] if args.v1 else [])
+    code = code_version()  # now, as the servers start: they run what is on disk at that moment
+    with tempfile.TemporaryDirectory(prefix="metrics_bench.") as log_dir:
+        names = [*VARIANTS, CONTROL] if args.control else list(VARIANTS)
+        print(f"starting {', '.join(names)} ...", flush=True)
+        servers = start_servers(args.model_dir, Path(log_dir), names)
+        try:
+            meter = CpuMeter([os.getpid(), *(s.process.pid for s in servers.values())])
+            all_series = [measure(servers, target, api, args.rounds, args.round_s) for api, target in targets]
+            usage = meter.stop()
+        except ServerError as e:
+            print(f"bench.metrics_bench: {e}", file=sys.stderr)
+            return 1
+        finally:
+            for server in servers.values():
+                server.stop()
+        # Counted once the servers have stopped: a server may buffer its access lines until it exits.
+        access = {name: server.access_lines() for name, server in servers.items()}
+    text = report(all_series, usage, access, code, args, time.perf_counter() - started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print()
+    for series in all_series:
+        print("\n".join(table(series)))
+    for series in all_series:
+        for v in verdicts(series):
+            print(v.line())
+        if line := control_line(series):
+            print(line)
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
