@@ -5,9 +5,10 @@ costs O(n²·d), so a latency figure means something only within a range of leng
 seconds, with buckets from 50 µs to 30 s. The request histogram carries the request id as an exemplar
 (OpenMetrics scrapes only), so a slow bucket on a dashboard leads to one request in the access log.
 
-The request path calls `observe_*` a few times per request; label children are cached so that an
-observation is a dict lookup and a histogram update. `NullMetrics` is the same interface doing nothing
-(`--no-metrics`), which is what `make bench-metrics` compares against.
+The request path calls `observe_*` a few times per request; those metrics are service/fast_metrics.py's
+(an observation is a bisect and two increments under one lock), the rest prometheus-client's own.
+`NullMetrics` is the same interface doing nothing (`--metrics false`), what `make bench-metrics` compares
+against.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import threading
 from collections.abc import Callable, Sequence
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics, start_http_server
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from service import __version__
+from service.fast_metrics import FastCounter, FastHistogram
 from service.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
 
 # 50 µs … 30 s: a 16-token request on a GPU to a 4096-token batch on a small CPU.
@@ -62,36 +64,33 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.request_duration = Histogram(
+        self.request_duration = FastHistogram(
             "attnserve_request_duration_seconds",
             "time from a request's arrival at the servicer to its answer, by API, method, status and length",
-            ["api", "method", "code", "seq_bucket"], buckets=DURATION_BUCKETS, registry=r,
+            ["api", "method", "code", "seq_bucket"], DURATION_BUCKETS, r,
         )  # fmt: skip
-        self.requests = Counter(
-            "attnserve_requests", "requests answered, by API, method and status code", ["api", "method", "code"],
-            registry=r,
-        )  # fmt: skip
-        self.queue_duration = Histogram(
+        self.requests = FastCounter(
+            "attnserve_requests", "requests answered, by API, method and status code", ["api", "method", "code"], r
+        )
+        self.queue_duration = FastHistogram(
             "attnserve_queue_duration_seconds", "time a request waited for an engine thread (queue and batching)",
-            ["seq_bucket"], buckets=DURATION_BUCKETS, registry=r,
+            ["seq_bucket"], DURATION_BUCKETS, r,
         )  # fmt: skip
-        self.compute_duration = Histogram(
+        self.compute_duration = FastHistogram(
             "attnserve_compute_duration_seconds", "onnxruntime run time of one engine run (one batch)",
-            ["provider", "graph", "seq_bucket", "batch_bucket"], buckets=DURATION_BUCKETS, registry=r,
+            ["provider", "graph", "seq_bucket", "batch_bucket"], DURATION_BUCKETS, r,
         )  # fmt: skip
-        self.batch_size = Histogram(
-            "attnserve_batch_size", "sequences per engine run", buckets=BATCH_BUCKETS, registry=r
-        )
-        self.padding_ratio = Histogram(
+        self.batch_size = FastHistogram("attnserve_batch_size", "sequences per engine run", [], BATCH_BUCKETS, r)
+        self.padding_ratio = FastHistogram(
             "attnserve_padding_ratio", "padded tokens / computed tokens of an engine run (batching pads to the "
-            "longest)", buckets=PADDING_BUCKETS, registry=r,
+            "longest)", [], PADDING_BUCKETS, r,
         )  # fmt: skip
-        self.tokens = Counter(
-            "attnserve_tokens", "tokens of answered requests (batch × sequence length)", ["seq_bucket"], registry=r
+        self.tokens = FastCounter(
+            "attnserve_tokens", "tokens of answered requests (batch × sequence length)", ["seq_bucket"], r
         )
-        self.dropped = Counter(
+        self.dropped = FastCounter(
             "attnserve_dropped_requests", "requests dropped before compute, by reason (deadline, cancelled, "
-            "queue_full)", ["reason"], registry=r,
+            "queue_full)", ["reason"], r,
         )  # fmt: skip
         self.inflight = Gauge("attnserve_inflight_requests", "requests accepted and not yet answered", registry=r)
         self.queue_depth = Gauge("attnserve_queue_depth", "requests waiting for an engine thread", registry=r)
@@ -101,17 +100,8 @@ class Metrics:
         )  # fmt: skip
         self.build_info = Gauge("attnserve_build_info", "attnserve build (value 1)", ["version", "python"], registry=r)
         self.build_info.labels(__version__, platform.python_version()).set(1)
-        self._children: dict[tuple, object] = {}  # label values -> child metric, off the labels() slow path
-        self._request_children: dict[tuple[str, str, str, str], tuple] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
-
-    def _child(self, metric: Histogram | Counter, *labels: str) -> Histogram | Counter:
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child  # type: ignore[return-value]
 
     def seq_bucket(self, seq: int | None) -> str:
         return NO_SEQ if seq is None else seq_bucket(seq, self.seq_buckets)
@@ -123,30 +113,22 @@ class Metrics:
     ) -> None:
         """One answered request (OK or not); tokens counted only when it was answered OK."""
         bucket = self.seq_bucket(seq)
-        key = (api, method, code, bucket)
-        children = self._request_children.get(key)
-        if children is None:  # first request of its kind: one labels() lookup, then cached
-            tokens_child = self.tokens.labels(bucket) if code == "OK" else None
-            children = (self.request_duration.labels(*key), self.requests.labels(api, method, code), tokens_child)
-            self._request_children[key] = children
-        duration, count, tokens_total = children
-        duration.observe(seconds, {"request_id": request_id[:64]} if request_id else None)  # OpenMetrics caps it
-        count.inc()
-        if tokens and tokens_total is not None:
-            tokens_total.inc(tokens)
+        self.request_duration.observe((api, method, code, bucket), seconds, request_id[:64])  # OpenMetrics caps it
+        self.requests.inc((api, method, code))
+        if tokens and code == "OK":
+            self.tokens.inc((bucket,), tokens)
 
     def observe_queue(self, seq: int, seconds: float) -> None:
-        self._child(self.queue_duration, self.seq_bucket(seq)).observe(seconds)  # type: ignore[union-attr]
+        self.queue_duration.observe((self.seq_bucket(seq),), seconds)
 
     def observe_run(self, provider: str, graph: str, batch: int, seq: int, padded_tokens: int, seconds: float) -> None:
         """One engine run: its compute time, batch size and padding share."""
-        labels = (provider, graph, self.seq_bucket(seq), _batch_bucket(batch))
-        self._child(self.compute_duration, *labels).observe(seconds)  # type: ignore[union-attr]
-        self.batch_size.observe(batch)
-        self.padding_ratio.observe(padded_tokens / (batch * seq) if seq else 0.0)
+        self.compute_duration.observe((provider, graph, self.seq_bucket(seq), _batch_bucket(batch)), seconds)
+        self.batch_size.observe((), batch)
+        self.padding_ratio.observe((), padded_tokens / (batch * seq) if seq else 0.0)
 
     def observe_dropped(self, reason: str) -> None:
-        self._child(self.dropped, reason).inc()
+        self.dropped.inc((reason,))
 
     # --- set-up ----------------------------------------------------------------------------------------
 

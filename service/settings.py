@@ -79,7 +79,9 @@ class Settings(BaseSettings):
         description="upper bounds of the seq_bucket metric label, increasing; longer sequences fall in +Inf",
     )
     access_log: Literal["all", "errors", "off"] = Field(
-        "all", description="one JSON line per answered request on stdout: every request, failed ones only, or none"
+        "errors",
+        description="one JSON line per answered request on stdout: every request, failed ones only, or none "
+        "(all: a few percent of throughput on tiny requests, see make bench-metrics)",
     )
     log_level: str = Field("INFO", description="logging level")
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from service.fast_metrics import FastCounter, FastHistogram
 from service.metrics import SERVICE_METRICS, Metrics
 from tests.grafana_queries import (
     DASHBOARD,
@@ -41,12 +42,13 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # The service's metrics (service/metrics.py) with their labels, as the exposition names them: histograms
 # add _bucket/_sum/_count. To be replaced by the service's own registry.
 def _service_labels() -> dict[str, tuple[str, ...]]:
-    """The service's own metrics (exposed names) and their label names, read from its registry's metrics."""
+    """The service's own metrics (exposed names) and their label names, read from its metric objects."""
     labels = {}
     for metric in vars(Metrics()).values():
-        if isinstance(metric, MetricWrapperBase):
-            name = metric._name + ("_total" if metric._type == "counter" else "")
-            labels[name] = tuple(metric._labelnames)
+        if isinstance(metric, FastHistogram | FastCounter):
+            labels[metric.name + ("_total" if isinstance(metric, FastCounter) else "")] = metric.labelnames
+        elif isinstance(metric, MetricWrapperBase):
+            labels[metric._name] = tuple(metric._labelnames)
     return labels
 
 

@@ -11,7 +11,7 @@ from bench.metrics_bench import VARIANTS, VERDICT_LINE, main
 
 def test_quick_run_writes_the_report(served_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "metrics_bench.md"
-    assert main(["--model-dir", str(served_model), "--out", str(out), "--quick"]) == 0
+    assert main(["--model-dir", str(served_model), "--out", str(out), "--quick", "--no-control"]) == 0
     text = out.read_text()
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^\| kserve \| (\w+) \| [^|]+ \| (\d+) \|", text, re.M)}
     assert set(rows) == set(VARIANTS)
