@@ -1,0 +1,184 @@
+"""Dynamic batching, the logic without the threads: which waiting requests run together, and how a batch is
+padded and split back.
+
+Requests wait in one queue per sequence-length bucket (service/seq_buckets.py), so a batch pads short
+sequences only up to lengths of their own kind. A bucket's batch is ready when it has max_batch_size
+sequences, when taking the next request would pass the token budget (rows × padded length), or when its
+oldest request has waited max_queue_delay; the oldest ready bucket goes first. Inside a batch every
+sequence is padded to the longest and the key padding mask marks the padding, so each answer equals the
+one its request would get alone (the masked keys get zero weight; the padded query rows are dropped).
+
+The queue is bounded in requests and in tokens: `put` refuses a request that would pass either bound, at
+once, naming the bound (the service answers RESOURCE_EXHAUSTED). Weights requests run alone: they need the
+weights graph and their [heads, seq, seq] output is per request anyway.
+
+Not wired into the service yet: service/batcher.py still runs each request on its own (see the batching
+issue's note).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
+from service.types import AttentionRequest
+
+
+class QueueFull(Exception):
+    """The queue is at one of its bounds; the message names it."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 8  # sequences (rows) per batch
+    max_batch_tokens: int = 16384  # rows × padded length per batch
+    max_queue_delay_s: float = 0.002  # the longest a request waits for company
+    max_queue_requests: int = 256
+    max_queue_tokens: int = 1 << 20
+    seq_buckets: tuple[int, ...] = DEFAULT_SEQ_BUCKETS
+
+
+@dataclass
+class Waiting:
+    """One queued request and when it arrived (time.perf_counter())."""
+
+    request: AttentionRequest
+    enqueued: float
+    tag: object = None  # the caller's handle for the answer (a future), untouched here
+
+    @property
+    def rows(self) -> int:
+        return self.request.batch_size
+
+    @property
+    def tokens(self) -> int:
+        return self.request.batch_size * self.request.seq_len
+
+
+@dataclass
+class Batch:
+    """Requests that run as one: their stacked, padded input and where each one's rows and length are."""
+
+    members: list[Waiting]
+    hidden_states: np.ndarray  # (rows, longest, d_model) float32
+    mask: np.ndarray | None  # (rows, longest) int32, 1 = real token; None when nothing is padding
+    spans: list[tuple[int, int, int]] = field(default_factory=list)  # (first row, end row, seq_len) per member
+
+    @property
+    def rows(self) -> int:
+        return int(self.hidden_states.shape[0])
+
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens computed that are padding (masked out), whether batching or the client put them there."""
+        computed = self.hidden_states.shape[0] * self.hidden_states.shape[1]
+        return computed - (int(self.mask.sum()) if self.mask is not None else computed)
+
+    def split(self, output: np.ndarray) -> list[np.ndarray]:
+        """Each member's rows and length of the batch output: views, no copies."""
+        return [output[start:end, :seq] for start, end, seq in self.spans]
+
+
+def assemble(members: Sequence[Waiting]) -> Batch:
+    """Stack the members' sequences, each padded to the longest, with the key padding mask."""
+    requests = [m.request for m in members]
+    if len(requests) == 1:  # alone: the request as it came, no copy
+        only = requests[0]
+        return Batch(list(members), only.hidden_states, only.mask, [(0, only.batch_size, only.seq_len)])
+    longest = max(r.seq_len for r in requests)
+    rows = sum(r.batch_size for r in requests)
+    width = requests[0].hidden_states.shape[2]
+    x = np.zeros((rows, longest, width), dtype=np.float32)
+    mask = np.zeros((rows, longest), dtype=np.int32)
+    spans = []
+    row = 0
+    for r in requests:
+        end = row + r.batch_size
+        x[row:end, : r.seq_len] = r.hidden_states
+        mask[row:end, : r.seq_len] = 1 if r.mask is None else r.mask
+        spans.append((row, end, r.seq_len))
+        row = end
+    return Batch(list(members), x, None if mask.all() else mask, spans)
+
+
+class BatchQueue:
+    """Waiting requests by sequence bucket, bounded in requests and tokens; hands out ready batches."""
+
+    def __init__(self, policy: BatchPolicy) -> None:
+        self.policy = policy
+        self._buckets: dict[str, deque[Waiting]] = {}
+        self.requests = 0
+        self.tokens = 0
+
+    def put(self, waiting: Waiting) -> None:
+        """Queue a request, or raise QueueFull naming the bound it would pass."""
+        p = self.policy
+        if self.requests + 1 > p.max_queue_requests:
+            raise QueueFull(f"queue full: {self.requests} requests waiting, the limit is {p.max_queue_requests}")
+        if self.tokens + waiting.tokens > p.max_queue_tokens:
+            raise QueueFull(
+                f"queue full: {self.tokens} tokens waiting and this request has {waiting.tokens}; the limit is "
+                f"{p.max_queue_tokens} tokens"
+            )
+        key = "weights" if waiting.request.weights is not None else seq_bucket(waiting.request.seq_len, p.seq_buckets)
+        self._buckets.setdefault(key, deque()).append(waiting)
+        self.requests += 1
+        self.tokens += waiting.tokens
+
+    def __len__(self) -> int:
+        return self.requests
+
+    def take(self, now: float, flush: bool = False) -> list[Waiting] | None:
+        """The next ready batch (oldest first), removed from the queue; None if no bucket is ready.
+        flush: treat every bucket as ready (the engine is idle, or the server drains)."""
+        ready = [
+            (queue[0].enqueued, key)
+            for key, queue in self._buckets.items()
+            if queue and (flush or self._ready(key, queue, now))
+        ]
+        if not ready:
+            return None
+        _, key = min(ready)
+        return self._pop_batch(key)
+
+    def next_due(self) -> float | None:
+        """When the oldest waiting request's delay runs out (time.perf_counter()), or None when empty."""
+        oldest = [queue[0].enqueued for queue in self._buckets.values() if queue]
+        return min(oldest) + self.policy.max_queue_delay_s if oldest else None
+
+    def drain(self) -> list[Waiting]:
+        """Everything still waiting, removed (to answer it at shutdown)."""
+        out = [w for queue in self._buckets.values() for w in queue]
+        self._buckets.clear()
+        self.requests = self.tokens = 0
+        return out
+
+    def _ready(self, key: str, queue: deque[Waiting], now: float) -> bool:
+        if key == "weights" or now - queue[0].enqueued >= self.policy.max_queue_delay_s:
+            return True
+        rows, longest = 0, 0
+        for waiting in queue:  # full: the queue holds a batch's worth of rows or tokens
+            rows += waiting.rows
+            longest = max(longest, waiting.request.seq_len)
+            if rows >= self.policy.max_batch_size or rows * longest >= self.policy.max_batch_tokens:
+                return True
+        return False
+
+    def _pop_batch(self, key: str) -> list[Waiting]:
+        queue = self._buckets[key]
+        batch = [queue.popleft()]  # the oldest always goes, even when alone it passes a bound
+        rows, longest = batch[0].rows, batch[0].request.seq_len
+        while queue and key != "weights":
+            nxt = queue[0]
+            new_rows, new_longest = rows + nxt.rows, max(longest, nxt.request.seq_len)
+            if new_rows > self.policy.max_batch_size or new_rows * new_longest > self.policy.max_batch_tokens:
+                break
+            batch.append(queue.popleft())
+            rows, longest = new_rows, new_longest
+        self.requests -= len(batch)
+        self.tokens -= sum(w.tokens for w in batch)
+        return batch

@@ -1,0 +1,126 @@
+"""Batch assembly and the batch queue (service/batching.py): batched answers equal answers alone, the policy's
+triggers and bounds. The service does not batch through it yet; these pin its behaviour first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.reference import relative_l2
+from service.batching import BatchPolicy, BatchQueue, QueueFull, Waiting, assemble
+from service.engine import Engine
+from service.model_dir import load_model_directory
+from service.types import AttentionRequest, WeightsSpec
+
+D_MODEL = 512
+
+
+@pytest.fixture(scope="module")
+def engine(served_model: Path) -> Engine:
+    return Engine(load_model_directory(served_model), "cpu")
+
+
+def _request(seq: int, batch: int = 1, seed: int = 0, lengths: list[int] | None = None) -> AttentionRequest:
+    x = np.random.default_rng(seed).standard_normal((batch, seq, D_MODEL), dtype=np.float32)
+    mask = None
+    if lengths is not None:
+        mask = (np.arange(seq)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return AttentionRequest(x, mask)
+
+
+@st.composite
+def _mixes(draw: st.DrawFn) -> list[AttentionRequest]:
+    out = []
+    for index in range(draw(st.integers(2, 5))):
+        seq, batch = draw(st.integers(1, 80)), draw(st.integers(1, 2))
+        lengths = draw(st.none() | st.lists(st.integers(1, seq), min_size=batch, max_size=batch))
+        out.append(_request(seq, batch, seed=index, lengths=lengths))
+    return out
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mix=_mixes())
+def test_a_batched_answer_equals_the_answer_alone(engine: Engine, mix: list[AttentionRequest]) -> None:
+    batch = assemble([Waiting(r, 0.0) for r in mix])
+    outputs = batch.split(engine.run(batch.hidden_states, batch.mask, want_probs=False).output)
+    for request, output in zip(mix, outputs, strict=True):
+        alone = engine.run(request.hidden_states, request.mask, want_probs=False).output
+        real = request.mask if request.mask is not None else np.ones(output.shape[:2], np.int32)
+        # Rows past a request's own length are padding in either run; compare the real tokens.
+        assert relative_l2(output[real == 1], alone[real == 1]) <= 1e-5
+
+
+def test_assembly_pads_with_a_mask_and_splits_into_views() -> None:
+    batch = assemble([Waiting(_request(5), 0.0), Waiting(_request(3, batch=2, seed=1), 0.0)])
+    assert batch.hidden_states.shape == (3, 5, D_MODEL) and batch.mask is not None
+    assert batch.mask.tolist() == [[1] * 5, [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
+    assert batch.padded_tokens == 4
+    parts = batch.split(batch.hidden_states)
+    assert [p.shape for p in parts] == [(1, 5, D_MODEL), (2, 3, D_MODEL)]
+    assert all(np.shares_memory(p, batch.hidden_states) for p in parts)
+    alone = assemble([Waiting(_request(4), 0.0)])
+    assert alone.mask is None and alone.padded_tokens == 0  # one request: as it came, no copy
+
+
+def _queue(**policy: object) -> BatchQueue:
+    return BatchQueue(BatchPolicy(**{"max_queue_delay_s": 1.0, **policy}))  # type: ignore[arg-type]
+
+
+def test_a_bucket_is_ready_when_full_or_when_its_oldest_waited_long_enough() -> None:
+    queue = _queue(max_batch_size=3)
+    for t in range(2):
+        queue.put(Waiting(_request(10), 10.0 + t))
+    assert queue.take(now=10.5) is None and queue.next_due() == 11.0
+    queue.put(Waiting(_request(12), 10.6))
+    batch = queue.take(now=10.6)
+    assert batch is not None and len(batch) == 3 and len(queue) == 0
+
+
+def test_the_delay_releases_a_partial_batch_and_buckets_never_mix() -> None:
+    queue = _queue(max_batch_size=8)
+    queue.put(Waiting(_request(10), 0.0))
+    queue.put(Waiting(_request(200), 0.1))
+    queue.put(Waiting(_request(12), 0.2))
+    first = queue.take(now=1.05)
+    assert first is not None and [w.request.seq_len for w in first] == [10, 12]  # ≤16 bucket, oldest first
+    assert queue.take(now=1.05) is None
+    second = queue.take(now=1.2)
+    assert second is not None and [w.request.seq_len for w in second] == [200]
+
+
+def test_the_token_budget_bounds_a_batch() -> None:
+    queue = _queue(max_batch_size=8, max_batch_tokens=3 * 256)
+    for t in range(5):
+        queue.put(Waiting(_request(256), float(t) / 10))
+    batch = queue.take(now=0.5)  # ready: the queue holds more than a budget's worth
+    assert batch is not None and len(batch) == 3 and len(queue) == 2
+
+
+def test_a_full_queue_refuses_at_once_naming_its_bound() -> None:
+    queue = _queue(max_queue_requests=2)
+    queue.put(Waiting(_request(8), 0.0))
+    queue.put(Waiting(_request(8), 0.0))
+    with pytest.raises(QueueFull, match="2 requests waiting, the limit is 2"):
+        queue.put(Waiting(_request(8), 0.0))
+    tokens = _queue(max_queue_tokens=100)
+    tokens.put(Waiting(_request(64), 0.0))
+    with pytest.raises(QueueFull, match="the limit is 100 tokens"):
+        tokens.put(Waiting(_request(64), 0.0))
+    assert len(tokens) == 1 and tokens.tokens == 64
+
+
+def test_weights_requests_run_alone_and_drain_empties_the_queue() -> None:
+    queue = _queue()
+    for _ in range(2):
+        request = _request(8)
+        request.weights = WeightsSpec()
+        queue.put(Waiting(request, 0.0))
+    queue.put(Waiting(_request(8), 0.0))
+    first = queue.take(now=0.0)
+    assert first is not None and len(first) == 1 and first[0].request.weights is not None
+    assert queue.take(now=0.0, flush=True) is not None
+    assert len(queue.drain()) == 1 and len(queue) == 0 and queue.tokens == 0
