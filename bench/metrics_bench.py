@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,9 +35,10 @@ import grpc
 import onnxruntime as ort
 
 from bench.serve_bench import CpuMeter, _proc_cpu_s
+from service.engine import usable_cores
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
 from tests.load.workload import Shape, Target, kserve_target, v1_target
-from tests.server_process import READY, server_command
+from tests.server_process import ServerProcess, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = Shape(1, 16)
@@ -71,9 +71,16 @@ class ServerError(RuntimeError):
 @dataclass
 class Server:
     name: str
-    process: subprocess.Popen
-    address: str
+    running: ServerProcess
     access_path: Path  # the server's stdout: its access-log lines
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.running.process
+
+    @property
+    def address(self) -> str:
+        return self.running.address
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -83,48 +90,16 @@ class Server:
             return sum(1 for _ in f)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        self.running.stop()
 
 
 def start_variant(model_dir: Path, name: str, log_dir: Path, timeout_s: float = 120.0) -> Server:
-    """`python -m service` with the variant's flags; stdout (the access log) goes to a file.
-
-    Not tests.server_process.start_server: that reads stdout in a thread of this process, which would take
-    the GIL from the load client only while `full` runs and bias the ratio. A file costs the server the same
-    write(2) per line as the pipe a container runtime reads, and nothing here."""
+    """`python -m service` with the variant's flags; stdout (the access log) goes to a file, not to a reader
+    thread in this process, which would take the GIL from the load client only while `full` runs and bias
+    the ratio. A file costs the server the same write(2) per line as the pipe a container runtime reads."""
     access_path = log_dir / f"{name}.access.jsonl"
-    with access_path.open("wb") as stdout:
-        process = subprocess.Popen(
-            server_command(model_dir, *ALL_VARIANTS[name][0]),
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-    lines: list[str] = []
-    ready = threading.Event()
-    port: list[int] = []
-
-    def pump() -> None:  # keeps draining stderr after ready so the pipe never fills and blocks the server
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if not port and (match := READY.search(line)):
-                port.append(int(match.group(1)))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout_s) or not port:
-        process.kill()
-        raise RuntimeError(f"{name}: server not ready (exit {process.poll()}):\n" + "".join(lines))
-    return Server(name, process, f"127.0.0.1:{port[0]}", access_path)
+    flags = ALL_VARIANTS[name][0]
+    return Server(name, start_server(model_dir, *flags, timeout_s=timeout_s, stdout=access_path), access_path)
 
 
 def start_servers(model_dir: Path, log_dir: Path, names: Sequence[str] = tuple(VARIANTS)) -> dict[str, Server]:
@@ -307,7 +282,7 @@ def report(
     args: argparse.Namespace,
     wall_s: float,
 ) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     flags = "".join(f" --{flag}" for flag in ("v1", "control", "quick") if getattr(args, flag))
     lines = [
         "# Metrics overhead benchmark",

@@ -36,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service._pb.attnserve.v1 import attention_pb2 as v1_pb
-from service.engine import INPUT, OUTPUT, Engine
+from service.engine import INPUT, OUTPUT, Engine, usable_cores
 from service.model_dir import ModelDirectory, load_model_directory
 from tests.load.loadgen import CHANNEL_OPTIONS, LoadConfig, LoadResult, run_load, summarize
 from tests.load.workload import Shape, Target, kserve_target, v1_target
@@ -552,7 +552,7 @@ def report(
     args: argparse.Namespace,
     wall_s: float,
 ) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     lines = [
         "# Serving benchmark (CPU)",
         "",
@@ -638,7 +638,7 @@ def report(
 
 def _default_ort_threads(model: ModelDirectory) -> int:
     session = ort.InferenceSession(str(model.route("cpu", False, 16).path), providers=["CPUExecutionProvider"])
-    return session.get_session_options().intra_op_num_threads or len(os.sched_getaffinity(0))
+    return session.get_session_options().intra_op_num_threads or usable_cores()
 
 
 def print_checks(checks: list[Check]) -> None:

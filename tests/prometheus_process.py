@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tests.server_process import stop_process
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 PROMETHEUS_YML = PROMETHEUS_DIR / "prometheus.yml"
@@ -138,13 +140,7 @@ class PrometheusProcess:
 
     def stop(self) -> int:
         """Terminate (Prometheus flushes and exits on SIGTERM), kill if it hangs; the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        return stop_process(self.process, grace_s=10.0)
 
     def __enter__(self) -> PrometheusProcess:
         return self

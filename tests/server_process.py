@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -40,13 +41,18 @@ class ServerProcess:
         return self.process.wait(timeout_s)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.terminate()
-            try:
-                return self.wait()
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+        return stop_process(self.process, grace_s=60.0)
+
+
+def stop_process(process: subprocess.Popen, grace_s: float) -> int:
+    """SIGTERM (a server drains, Prometheus flushes), SIGKILL if it is still there after grace_s; the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            return process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
 
 
 def server_command(model_dir: Path, *args: str) -> list[str]:
@@ -57,17 +63,22 @@ def server_command(model_dir: Path, *args: str) -> list[str]:
 
 
 def start_server(
-    model_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0
-) -> ServerProcess:
-    """Launch, wait for the ready line (after warm-up), return the ports; raise with the log if it dies."""
-    process = subprocess.Popen(
-        server_command(model_dir, *args),
-        stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    model_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0,
+    stdout: Path | None = None,
+) -> ServerProcess:  # fmt: skip
+    """Launch, wait for the ready line (after warm-up), return the ports; raise with the log if it dies.
+
+    The access log (stdout) is kept in `access_lines`, read by a thread of this process; with `stdout` it goes
+    to that file instead, and nothing here reads it (benchmarks: no reader thread taking this process's GIL)."""
+    with open(stdout, "wb") if stdout is not None else contextlib.nullcontext() as sink:
+        process = subprocess.Popen(
+            server_command(model_dir, *args),
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE if sink is None else sink,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=Path(__file__).resolve().parents[1],
+        )
     lines: list[str] = []
     found: list[re.Match[str]] = []
     ready = threading.Event()
@@ -89,7 +100,8 @@ def start_server(
             access.append(line)
 
     threading.Thread(target=pump, daemon=True).start()
-    threading.Thread(target=pump_access, daemon=True).start()
+    if stdout is None:
+        threading.Thread(target=pump_access, daemon=True).start()
     deadline = time.monotonic() + timeout_s
     while not ready.wait(0.1):
         if time.monotonic() > deadline:

@@ -25,6 +25,7 @@ import numpy as np
 from service.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
 from tests.load.histograms import count, histograms, quantile, scrape, subtract
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
+from tests.load.plots import log_log, pyplot, save
 from tests.load.workload import APIS, LengthMix, build_target
 from tests.server_process import start_server
 
@@ -118,28 +119,17 @@ def markdown(rows: list[Row], api: str, png: str, fits: dict[str, PowerFit]) -> 
 
 
 def plot(rows: list[Row], path: Path, fits: dict[str, PowerFit], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
-
     seqs = [r.seq for r in rows]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = pyplot().subplots(figsize=(7.5, 5))
     for q, marker in zip(QUANTILES, "os^", strict=True):
         ax.plot(seqs, [r.server_ms[q] for r in rows], marker=marker, label=f"p{round(q * 100)} (service histogram)")
     ax.plot(seqs, [r.client.p50_ms for r in rows], "k:", marker=".", label="p50 (client)")
     for (name, fit), style in zip(fits.items(), ("--", "-."), strict=False):
         xs = [s for s in seqs if fit.low <= s <= fit.high]
         ax.plot(xs, [fit.at(s) for s in xs], style, color="grey", label=f"p50 fit, {name}: ∝ n^{fit.exponent:.2f}")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="ms", title=title)
-    ax.set_xticks(seqs, [str(s) for s in seqs])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.grid(True, which="both", alpha=0.3)
+    log_log(ax, seqs, xlabel="sequence length (tokens)", ylabel="ms", title=title)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def write_report(rows: list[Row], out: Path, api: str) -> list[Path]:

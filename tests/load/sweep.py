@@ -27,6 +27,7 @@ from service._pb.attnserve.v1 import attention_pb2 as v1_pb
 from service._pb.attnserve.v1 import attention_pb2_grpc as v1_grpc
 from service.engine import usable_cores
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
+from tests.load.plots import log_log, pyplot, save
 from tests.load.workload import APIS, LengthMix, build_target
 from tests.server_process import start_server
 
@@ -107,12 +108,7 @@ def markdown(points: list[Point], info: v1_pb.ModelInfo, api: str, seconds: floa
 
 def plot(points: list[Point], out: Path, title: str) -> list[Path]:
     """latency_vs_seq.png and throughput_vs_concurrency.png in `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
-
+    plt = pyplot()
     lengths = sorted({p.seq for p in points})
     levels = sorted({p.concurrency for p in points})
     at = {(p.seq, p.concurrency): p.result for p in points}
@@ -122,33 +118,21 @@ def plot(points: list[Point], out: Path, title: str) -> list[Path]:
         for c in levels:
             xs = [s for s in lengths if (s, c) in at and at[(s, c)].count]
             ax.plot(xs, [getattr(at[(s, c)], stat) for s in xs], marker="o", label=f"c={c}")
-        ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", title=stat.replace("_ms", " latency"))
-        ax.set_xticks(lengths, [str(s) for s in lengths])
-        ax.xaxis.set_minor_locator(NullLocator())  # only the measured lengths on the axis
-        ax.grid(True, which="both", alpha=0.3)
+        log_log(ax, lengths, xlabel="sequence length (tokens)", title=stat.replace("_ms", " latency"))
     axes[0].set_ylabel("ms (client side)")
     axes[1].legend(title="concurrency", fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
-    latency = out / "latency_vs_seq.png"
-    fig.savefig(latency, dpi=110)
-    plt.close(fig)
+    latency = save(fig, out / "latency_vs_seq.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, stat, label in zip(axes, ("throughput_rps", "tokens_per_s"), ("requests/s", "tokens/s"), strict=True):
         for s in lengths:
             xs = [c for c in levels if (s, c) in at]
             ax.plot(xs, [getattr(at[(s, c)], stat) for c in xs], marker="o", label=f"seq {s}")
-        ax.set(xscale="log", yscale="log", xlabel="concurrency (callers)", ylabel=label, title=label)
-        ax.set_xticks(levels, [str(c) for c in levels])
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.grid(True, which="both", alpha=0.3)
+        log_log(ax, levels, xlabel="concurrency (callers)", ylabel=label, title=label)
     axes[1].legend(title="length", fontsize="small")
     fig.suptitle(title)
-    fig.tight_layout()
-    throughput = out / "throughput_vs_concurrency.png"
-    fig.savefig(throughput, dpi=110)
-    plt.close(fig)
+    throughput = save(fig, out / "throughput_vs_concurrency.png")
     return [latency, throughput]
 
 
