@@ -34,10 +34,8 @@ import grpc
 import numpy as np
 
 from service.seq_buckets import DEFAULT_SEQ_BUCKETS, OVERFLOW, bucket_labels, parse_bounds, seq_bucket
-from tests.load.workload import APIS, KSERVE, V1, LengthMix, Request, Target, build_target, model_dir_reference
+from tests.load.workload import APIS, LengthMix, Request, Target, build_target, model_dir_reference
 
-KSERVE_INFER = KSERVE.unary_method
-V1_ATTEND = V1.unary_method
 CLIENT_OVERLOADED = "CLIENT_OVERLOADED"  # open loop: too many calls in flight, not sent
 BAD_RESPONSE = "BAD_RESPONSE"  # the error "code" of an answer that does not check out
 STREAM_ENDED = "STREAM_ENDED"  # a stream closed without answering the request it carried
