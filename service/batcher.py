@@ -1,11 +1,18 @@
-"""The way from an accepted request to the engine's threads.
+"""The way from an accepted request to the engine's threads: the dynamic batcher's scheduling.
 
-Today every request is its own batch; dynamic batching by sequence-length bucket replaces the inside of
-`Batcher.submit` without changing its contract: one awaited call, one answer or one typed error.
+`submit` queues a request (service/batching.py decides which run together) and awaits its own answer. The
+scheduling runs on the event loop, driven by events rather than a loop of its own: a request arriving, a run
+finishing, or the queue delay of the oldest request running out starts every batch a free engine thread can
+take. Checking the values, padding, running and splitting happen on the engine threads (onnxruntime releases
+the GIL), answering happens back on the loop.
 
-Threads: a request alone runs with every core (onnxruntime's intra-op threads). When several are in flight,
-short ones run single-threaded side by side on the other workers, while the event loop serves gRPC: on few
-cores that gives more answers per second than taking turns with every core (bench/serve_bench.py).
+Before compute, a request whose deadline passed, whose client went away, or whose deadline cannot be met
+given its bucket's recent compute time, is dropped and counted. A run whose every request was cancelled is
+stopped (onnxruntime's RunOptions.terminate).
+
+Threads: a run alone uses every core (onnxruntime's intra-op threads). When several are in flight, small
+ones run single-threaded side by side on the other engine threads, while the event loop serves gRPC: on
+few cores that gives more answers per second than taking turns with every core (bench/serve_bench.py).
 """
 
 from __future__ import annotations
@@ -13,78 +20,224 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
+import onnxruntime as ort
+
+from service.batching import Batch, BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
 from service.engine import Engine, EngineOutput
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from service.limits import check_finite
 from service.metrics import Metrics, NullMetrics
+from service.stats import ModelStats
 from service.types import AttentionRequest
 
 
+@dataclass(eq=False)  # each run is itself: hashed by identity
+class Run:
+    """One batch on an engine thread, and what is known of it while it runs."""
+
+    members: list[Waiting]
+    narrow: bool
+    options: ort.RunOptions = field(default_factory=ort.RunOptions)
+    batch: Batch | None = None  # set by the engine thread once the valid members are assembled
+    failed: dict[int, ServiceError] = field(default_factory=dict)  # member index -> why it was left out
+
+
 class Batcher:
-    def __init__(self, engine: Engine, workers: int = 1, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        policy: BatchPolicy | None = None,
+        workers: int = 1,
+        metrics: Metrics | None = None,
+        stats: ModelStats | None = None,
+    ) -> None:
         self.engine = engine
+        self.policy = policy or BatchPolicy()
         self.metrics = metrics or NullMetrics()
+        self.stats = stats or ModelStats()
         self.workers = workers
-        # onnxruntime releases the GIL while it runs, so these threads compute while the event loop serves gRPC.
+        self.queue = BatchQueue(self.policy)
+        self.run_times = RunTimes(self.policy.seq_buckets)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
-        self._count_lock = threading.Lock()
-        self._waiting = 0  # submitted, not started
-        self._running = 0
+        self._free_workers = workers
+        self._running: set[Run] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
         self._wide = threading.Lock()  # one all-cores run at a time
-        self.runs = {"wide": 0, "narrow": 0}  # how requests ran, for tests and metrics
+        self.runs = {"wide": 0, "narrow": 0}  # how batches ran, for tests and metrics
 
     async def submit(self, request: AttentionRequest) -> tuple[EngineOutput, float]:
-        """(engine output, seconds queued). Raises DeadlineExceeded if the deadline passes before compute."""
-        enqueued = time.perf_counter()
-        want_probs = request.weights is not None
-        may_run_narrow = self.engine.can_run_narrow(request.batch_size * request.seq_len, want_probs)
-
-        def job() -> tuple[EngineOutput, float]:
-            with self._count_lock:
-                self._waiting -= 1
-                self._running += 1
-                narrow = may_run_narrow and self._running + self._waiting > 1  # others in flight: share the cores
-            try:
-                queued = time.perf_counter() - enqueued
-                if request.deadline is not None and time.monotonic() >= request.deadline:
-                    self.metrics.observe_dropped("deadline")
-                    raise DeadlineExceeded(f"deadline passed after {queued * 1e3:.1f} ms in the queue, before compute")
-                check_finite(request.hidden_states)
-                with self._count_lock:
-                    self.runs["narrow" if narrow else "wide"] += 1
-                if narrow:
-                    output = self.engine.run(request.hidden_states, request.mask, want_probs, narrow=True)
-                else:
-                    with self._wide:
-                        output = self.engine.run(request.hidden_states, request.mask, want_probs)
-                # One request per run until batching: no padding added.
-                self.metrics.observe_run(
-                    self.engine.provider, output.graph, request.batch_size, request.seq_len, 0, output.compute_s
-                )
-                return output, queued
-            finally:
-                with self._count_lock:
-                    self._running -= 1
-
-        with self._count_lock:
-            self._waiting += 1
-        future = self._executor.submit(job)
-        future.add_done_callback(self._forget_if_cancelled)
-        return await asyncio.wrap_future(future)
-
-    def _forget_if_cancelled(self, future: Future) -> None:
-        if future.cancelled():  # cancelled before it started: the job never ran to count itself out
-            with self._count_lock:
-                self._waiting -= 1
-            self.metrics.observe_dropped("cancelled")
+        """(this request's share of its batch's output, seconds queued). Raises ResourceExhausted when the
+        queue is full, DeadlineExceeded when the deadline passes (or cannot be met) before compute,
+        InvalidInput for non-finite values."""
+        if self._closed:
+            raise Unavailable("server is stopping; retry on another replica")
+        now = time.perf_counter()
+        self._refuse_if_late(request)
+        waiting = Waiting(request, now, asyncio.get_running_loop().create_future())
+        try:
+            self.queue.put(waiting)
+        except QueueFull as e:
+            self.metrics.observe_dropped("queue_full")
+            raise ResourceExhausted(f"{e}; retry later or on another replica", self._drain_estimate_s()) from None
+        self._schedule()
+        return await waiting.tag  # type: ignore[no-any-return]
 
     @property
     def queue_depth(self) -> int:
-        """Requests submitted and not yet started."""
-        return self._waiting
+        """Requests queued and not yet started."""
+        return len(self.queue)
 
     def close(self) -> None:
-        """Wait for the runs in progress, if any; nothing new is accepted after this."""
+        """Answer whatever still waits (UNAVAILABLE), wait for the runs in progress; nothing new is accepted."""
+        self._closed = True
+        for waiting in self.queue.drain():
+            self._answer_error(waiting, Unavailable("server stopped before this request ran; retry elsewhere"))
         self._executor.shutdown(wait=True)
+
+    # Scheduling, on the event loop.
+
+    def _schedule(self) -> None:
+        """Start every batch that is ready and has a free engine thread; wake up when the next one is due."""
+        while self._free_workers > 0 and len(self.queue):
+            members = self.queue.take(time.perf_counter(), flush=self._closed)
+            if members is None:
+                break
+            self._start(members)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        due = self.queue.next_due() if self._free_workers > 0 else None
+        if due is None:
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, due - time.perf_counter())
+        if self._timer is not None and not self._timer.cancelled() and self._timer.when() <= when:
+            return  # an earlier wake-up is already armed
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._schedule()
+
+    def _start(self, members: list[Waiting]) -> None:
+        now = time.monotonic()
+        live = [w for w in members if self._still_wanted(w, now)]
+        if not live:
+            return
+        tokens = sum(w.tokens for w in live)
+        want_probs = live[0].request.weights is not None
+        busy = len(self._running) > 0 or len(self.queue) > 0
+        run = Run(live, narrow=busy and self.engine.can_run_narrow(tokens, want_probs))
+        self.runs["narrow" if run.narrow else "wide"] += 1
+        self._free_workers -= 1
+        self._running.add(run)
+        for waiting in live:
+            waiting.tag.add_done_callback(lambda _, run=run: self._stop_if_abandoned(run))  # type: ignore[attr-defined]
+        started = time.perf_counter()
+        future = asyncio.wrap_future(self._executor.submit(self._compute, run))
+        future.add_done_callback(lambda f: self._finish(run, started, f))
+
+    def _still_wanted(self, waiting: Waiting, now: float) -> bool:
+        """False (and the request answered and counted) when its client left or its deadline is lost."""
+        request = waiting.request
+        if waiting.tag.cancelled():  # type: ignore[attr-defined]
+            late = request.deadline is not None and now >= request.deadline
+            self.metrics.observe_dropped("deadline" if late else "cancelled")
+            return False
+        if request.deadline is not None:
+            left = request.deadline - now
+            need = self.run_times.estimate(request)
+            if left <= need:
+                self.metrics.observe_dropped("deadline")
+                waited_ms = (time.perf_counter() - waiting.enqueued) * 1e3
+                self._answer_error(waiting, DeadlineExceeded(_late_message(left, need, waited_ms)))
+                return False
+        return True
+
+    def _refuse_if_late(self, request: AttentionRequest) -> None:
+        if request.deadline is None:
+            return
+        left = request.deadline - time.monotonic()
+        need = self.run_times.estimate(request)
+        if left <= need:
+            self.metrics.observe_dropped("deadline")
+            raise DeadlineExceeded(_late_message(left, need, 0.0))
+
+    def _stop_if_abandoned(self, run: Run) -> None:
+        if run in self._running and all(w.tag.cancelled() for w in run.members):  # type: ignore[attr-defined]
+            run.options.terminate = True  # nobody waits for this run: free its engine thread now
+
+    def _finish(self, run: Run, started: float, future: asyncio.Future[EngineOutput | None]) -> None:
+        self._running.discard(run)
+        self._free_workers += 1
+        for index, error in run.failed.items():
+            self._answer_error(run.members[index], error)
+        try:
+            output = future.result()
+        except Exception as error:  # terminated (nobody waits any more), or a bug every member hears of
+            if run.options.terminate:
+                for _ in run.members:
+                    self.metrics.observe_dropped("cancelled")
+            for waiting in run.members:
+                self._answer_error(waiting, error)
+            output = None
+        if output is not None and run.batch is not None:
+            self._answer(run.batch, output, started)
+        self._schedule()
+
+    def _answer(self, batch: Batch, output: EngineOutput, started: float) -> None:
+        rows, longest = batch.hidden_states.shape[:2]
+        self.metrics.observe_run(
+            self.engine.provider, output.graph, rows, longest, batch.padded_tokens, output.compute_s
+        )
+        self.stats.record_run(rows, output.compute_s)
+        self.run_times.record(longest, rows, output.compute_s)
+        for waiting, part in zip(batch.members, batch.split(output.output), strict=True):
+            if not waiting.tag.done():  # type: ignore[attr-defined]
+                share = EngineOutput(part, output.probs, output.graph, output.compute_s)
+                waiting.tag.set_result((share, started - waiting.enqueued))  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _answer_error(waiting: Waiting, error: BaseException) -> None:
+        if not waiting.tag.done():  # type: ignore[attr-defined]
+            waiting.tag.set_exception(error)  # type: ignore[attr-defined]
+
+    def _drain_estimate_s(self) -> float:
+        """Roughly how long the queue takes to empty: a retry sooner would likely find it full again."""
+        waiting = [w.request for w in self.queue]
+        return sum(self.run_times.estimate(r) for r in waiting) / max(1, self.workers)
+
+    # On an engine thread.
+
+    def _compute(self, run: Run) -> EngineOutput | None:
+        """Check each member's values, pad the valid ones into one batch, run it."""
+        valid = []
+        for index, waiting in enumerate(run.members):
+            try:
+                check_finite(waiting.request.hidden_states)
+                valid.append(waiting)
+            except ServiceError as error:  # one bad request fails alone, not its batch
+                run.failed[index] = error
+        if not valid:
+            return None
+        batch = run.batch = assemble(valid)
+        want_probs = valid[0].request.weights is not None
+        if run.narrow:
+            return self.engine.run(batch.hidden_states, batch.mask, want_probs, narrow=True, options=run.options)
+        with self._wide:
+            return self.engine.run(batch.hidden_states, batch.mask, want_probs, options=run.options)
+
+
+def _late_message(left_s: float, need_s: float, waited_ms: float) -> str:
+    if left_s <= 0:
+        return f"deadline passed after {waited_ms:.1f} ms in the queue, before compute"
+    return (
+        f"deadline cannot be met: {left_s * 1e3:.1f} ms left, and requests of this length recently needed "
+        f"{need_s * 1e3:.1f} ms of compute"
+    )

@@ -4,22 +4,24 @@ padded and split back.
 Requests wait in one queue per sequence-length bucket (service/seq_buckets.py), so a batch pads short
 sequences only up to lengths of their own kind. A bucket's batch is ready when it has max_batch_size
 sequences, when taking the next request would pass the token budget (rows × padded length), or when its
-oldest request has waited max_queue_delay; the oldest ready bucket goes first. Inside a batch every
+oldest request has waited max_queue_delay; the oldest ready bucket goes first. A batch starts with its
+bucket's oldest request and takes the waiting ones nearest to it in length, as long as the padding stays
+within max_padding, so no request waits forever and little compute goes to padding. Inside a batch every
 sequence is padded to the longest and the key padding mask marks the padding, so each answer equals the
 one its request would get alone (the masked keys get zero weight; the padded query rows are dropped).
 
 The queue is bounded in requests and in tokens: `put` refuses a request that would pass either bound, at
-once, naming the bound (the service answers RESOURCE_EXHAUSTED). Weights requests run alone: they need the
+once, naming the bound (the service answers RESOURCE_EXHAUSTED); into an empty queue any request fits, so
+the token bound never shuts out a request the limits allow. Weights requests run alone: they need the
 weights graph and their [heads, seq, seq] output is per request anyway.
 
-Not wired into the service yet: service/batcher.py still runs each request on its own (see the batching
-issue's note).
+service/batcher.py runs the batches on the engine's threads.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,9 +38,10 @@ class QueueFull(Exception):
 class BatchPolicy:
     max_batch_size: int = 8  # sequences (rows) per batch
     max_batch_tokens: int = 16384  # rows × padded length per batch
-    max_queue_delay_s: float = 0.002  # the longest a request waits for company
+    max_queue_delay_s: float = 0.0  # the longest a request waits for company while a worker is free
+    max_padding: float = 0.15  # padded share of a batch's computed tokens that companions may add
     max_queue_requests: int = 256
-    max_queue_tokens: int = 1 << 20
+    max_queue_tokens: int = 65536
     seq_buckets: tuple[int, ...] = DEFAULT_SEQ_BUCKETS
 
 
@@ -119,7 +122,7 @@ class BatchQueue:
         p = self.policy
         if self.requests + 1 > p.max_queue_requests:
             raise QueueFull(f"queue full: {self.requests} requests waiting, the limit is {p.max_queue_requests}")
-        if self.tokens + waiting.tokens > p.max_queue_tokens:
+        if self.requests and self.tokens + waiting.tokens > p.max_queue_tokens:  # alone, any request may wait
             raise QueueFull(
                 f"queue full: {self.tokens} tokens waiting and this request has {waiting.tokens}; the limit is "
                 f"{p.max_queue_tokens} tokens"
@@ -131,6 +134,10 @@ class BatchQueue:
 
     def __len__(self) -> int:
         return self.requests
+
+    def __iter__(self) -> Iterator[Waiting]:
+        """Every waiting request, bucket by bucket (for estimates; the queue is not changed)."""
+        return (w for queue in self._buckets.values() for w in queue)
 
     def take(self, now: float, flush: bool = False) -> list[Waiting] | None:
         """The next ready batch (oldest first), removed from the queue; None if no bucket is ready.
@@ -170,15 +177,54 @@ class BatchQueue:
 
     def _pop_batch(self, key: str) -> list[Waiting]:
         queue = self._buckets[key]
-        batch = [queue.popleft()]  # the oldest always goes, even when alone it passes a bound
-        rows, longest = batch[0].rows, batch[0].request.seq_len
-        while queue and key != "weights":
-            nxt = queue[0]
-            new_rows, new_longest = rows + nxt.rows, max(longest, nxt.request.seq_len)
-            if new_rows > self.policy.max_batch_size or new_rows * new_longest > self.policy.max_batch_tokens:
-                break
-            batch.append(queue.popleft())
-            rows, longest = new_rows, new_longest
+        first = queue.popleft()  # the oldest always goes, even when alone it passes a bound
+        batch = [first]
+        if queue and key != "weights":
+            self._add_companions(batch, queue)
         self.requests -= len(batch)
         self.tokens -= sum(w.tokens for w in batch)
         return batch
+
+    def _add_companions(self, batch: list[Waiting], queue: deque[Waiting]) -> None:
+        """Add to batch (its oldest member alone so far) the waiting requests nearest to it in length that keep
+        the batch within its rows, tokens and padding; remove them from the queue."""
+        p = self.policy
+        first = batch[0]
+        rows, longest, real = first.rows, first.request.seq_len, first.tokens
+        nearest = sorted(queue, key=lambda w: abs(w.request.seq_len - first.request.seq_len))
+        for waiting in nearest:
+            if rows >= p.max_batch_size:
+                break
+            new_rows, new_longest = rows + waiting.rows, max(longest, waiting.request.seq_len)
+            computed = new_rows * new_longest
+            if new_rows > p.max_batch_size or computed > p.max_batch_tokens:
+                continue
+            if computed - real - waiting.tokens > p.max_padding * computed:
+                continue
+            batch.append(waiting)
+            rows, longest, real = new_rows, new_longest, real + waiting.tokens
+        if len(batch) > 1:
+            taken = {id(w) for w in batch}
+            kept = [w for w in queue if id(w) not in taken]
+            queue.clear()
+            queue.extend(kept)
+
+
+class RunTimes:
+    """Recent compute seconds per sequence, by bucket (an exponential average): what a request of that
+    bucket needs at least, to refuse a deadline that cannot be met and to tell a refused client when to retry."""
+
+    def __init__(self, seq_buckets: Sequence[int], weight: float = 0.2) -> None:
+        self.seq_buckets = tuple(seq_buckets)
+        self.weight = weight
+        self._per_sequence: dict[str, float] = {}
+
+    def record(self, seq_len: int, rows: int, seconds: float) -> None:
+        key = seq_bucket(seq_len, self.seq_buckets)
+        sample = seconds / rows
+        old = self._per_sequence.get(key)
+        self._per_sequence[key] = sample if old is None else old + self.weight * (sample - old)
+
+    def estimate(self, request: AttentionRequest) -> float:
+        """Seconds of compute this request needs, by its bucket's recent runs (0 before any run)."""
+        return self._per_sequence.get(seq_bucket(request.seq_len, self.seq_buckets), 0.0) * request.batch_size

@@ -9,7 +9,6 @@ from service.batcher import Batcher
 from service.errors import Unavailable
 from service.limits import Limits, check_request
 from service.metrics import Metrics, NullMetrics
-from service.stats import ModelStats
 from service.types import AttentionRequest, AttentionResult, Timing
 from service.weights_view import select_weights
 
@@ -19,7 +18,7 @@ class DataPlane:
         self.batcher = batcher
         self.metrics = metrics or NullMetrics()
         self.limits = limits
-        self.stats = ModelStats()
+        self.stats = batcher.stats  # per request here, per engine run in the batcher
         self.ready = False
         self.inflight = 0
         self._idle = asyncio.Event()

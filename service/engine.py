@@ -115,11 +115,17 @@ class Engine:
         return self.model.route(self.provider, masked, seq_len)
 
     def run(
-        self, hidden_states: np.ndarray, mask: np.ndarray | None, want_probs: bool, narrow: bool = False
+        self,
+        hidden_states: np.ndarray,
+        mask: np.ndarray | None,
+        want_probs: bool,
+        narrow: bool = False,
+        options: ort.RunOptions | None = None,
     ) -> EngineOutput:
         """Attention over (B, S, D) float32; mask (B, S) int32 or None (None or all ones: the unmasked graph).
 
-        narrow: on the single-threaded session (only where can_run_narrow said yes)."""
+        narrow: on the single-threaded session (only where can_run_narrow said yes). options: lets another
+        thread stop the run (terminate), which then raises."""
         if mask is not None and bool(mask.all()):
             mask = None  # the unmasked graphs are the fast ones (flash kernel on CPU)
         if want_probs:
@@ -132,20 +138,26 @@ class Engine:
         outputs = [OUTPUT, WEIGHTS_OUTPUT] if want_probs else [OUTPUT]
         start = time.perf_counter()
         sessions = self.narrow_sessions if narrow else self.sessions
-        results = self._run(sessions[graph.name], feed, outputs)
+        results = self._run(sessions[graph.name], feed, outputs, options)
         compute_s = time.perf_counter() - start
         return EngineOutput(results[0], results[1] if want_probs else None, graph.name, compute_s)
 
-    def _run(self, session: ort.InferenceSession, feed: dict[str, np.ndarray], outputs: list[str]) -> list:
+    def _run(
+        self,
+        session: ort.InferenceSession,
+        feed: dict[str, np.ndarray],
+        outputs: list[str],
+        options: ort.RunOptions | None,
+    ) -> list:
         if self.provider == "cpu":
-            return session.run(outputs, feed)
+            return session.run(outputs, feed, options)
         # CUDA: bind host inputs and device outputs, one copy each way and no intermediate numpy buffers.
         binding = session.io_binding()
         for name, array in feed.items():
             binding.bind_cpu_input(name, array)
         for name in outputs:
             binding.bind_output(name, "cuda")
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, options)
         return binding.copy_outputs_to_cpu()
 
     def warm_up(self, max_weights_seq_len: int) -> float:

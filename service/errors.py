@@ -23,6 +23,14 @@ class DeadlineExceeded(ServiceError):
     """The request's deadline passed, or cannot be met."""
 
 
+class ResourceExhausted(ServiceError):
+    """The queue is full: retry later (after retry_after_s, the server's guess), or on another replica."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class Unauthenticated(ServiceError):
     """Missing or wrong credentials."""
 

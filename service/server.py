@@ -18,6 +18,7 @@ from service.api.interceptors import BearerTokenInterceptor
 from service.api.kserve import KServeServicer
 from service.api.v1 import AttentionServicer
 from service.batcher import Batcher
+from service.batching import BatchPolicy
 from service.dataplane import DataPlane
 from service.engine import Engine, usable_cores
 from service.errors import ListenError
@@ -76,6 +77,18 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def batch_policy(settings: Settings) -> BatchPolicy:
+    return BatchPolicy(
+        max_batch_size=settings.max_batch_sequences,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_queue_delay_s=settings.max_queue_delay_us * 1e-6,
+        max_padding=settings.max_batch_padding,
+        max_queue_requests=settings.max_queue_requests,
+        max_queue_tokens=settings.max_queue_tokens,
+        seq_buckets=settings.seq_bucket_bounds,
+    )
+
+
 class AttnServer:
     """The whole service; `start`, then `drain` (on SIGTERM) or `stop`."""
 
@@ -102,7 +115,9 @@ class AttnServer:
         )
         metrics_type = Metrics if settings.metrics else NullMetrics
         self.metrics = metrics_type(settings.seq_bucket_bounds)
-        self.batcher = Batcher(self.engine, settings.engine_workers or usable_cores(), self.metrics)
+        self.batcher = Batcher(
+            self.engine, batch_policy(settings), settings.engine_workers or usable_cores(), self.metrics
+        )
         self.dataplane = DataPlane(self.batcher, self.limits, self.metrics)
         self.metrics.set_model_info(
             settings.model_name, model.d_model, model.num_heads, self.engine.provider, model.weights_sha256

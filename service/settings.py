@@ -53,6 +53,37 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run every graph over the sequence buckets before reporting ready")
 
     max_batch_size: int = Field(8, ge=1, description="most sequences in one request")
+    max_batch_sequences: int = Field(
+        32,
+        ge=1,
+        description="dynamic batching: most sequences in one engine run, from one or more requests; 1 = batching "
+        "off (each request runs alone)",
+    )
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="dynamic batching: most tokens (sequences × padded length) in one engine run"
+    )
+    max_queue_delay_us: int = Field(
+        0,
+        ge=0,
+        description="dynamic batching: how long a request may wait for company while an engine thread is free; "
+        "0 = never (batches still form from whatever waits while every thread is busy)",
+    )
+    max_batch_padding: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="dynamic batching: a request joins a batch only while the padding it adds keeps the padded "
+        "share of the run's tokens at most this",
+    )
+    max_queue_requests: int = Field(
+        256, ge=1, description="requests waiting for an engine thread; beyond it new ones get RESOURCE_EXHAUSTED"
+    )
+    max_queue_tokens: int = Field(
+        65536,
+        ge=1,
+        description="tokens (batch × sequence length) waiting for an engine thread; beyond it new requests get "
+        "RESOURCE_EXHAUSTED (a request alone is always let in)",
+    )
     max_seq_len: int = Field(0, ge=0, description="longest sequence accepted; 0 = the model's max_seq_len")
     max_weights_seq_len: int = Field(
         1024, ge=1, description="longest sequence for which attention weights are computed ([batch, heads, seq, seq])"

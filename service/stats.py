@@ -41,9 +41,12 @@ class ModelStats:
         self.compute_infer.add(timing.compute_s)
         self.compute_output.add(output_s)
         self.inference_count += sequences
-        self.execution_count += 1
-        self.compute_by_batch.setdefault(sequences, Duration()).add(timing.compute_s)
         self.last_inference_ms = int(time.time() * 1e3)
+
+    def record_run(self, sequences: int, compute_s: float) -> None:
+        """One engine run (a batch of one or more requests)."""
+        self.execution_count += 1
+        self.compute_by_batch.setdefault(sequences, Duration()).add(compute_s)
 
     def record_failure(self, total_s: float) -> None:
         self.fail.add(total_s)

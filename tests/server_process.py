@@ -10,9 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+) \((\w+)\), metrics (?::(\d+)|off)")
 ACCESS_LINES_KEPT = 100_000
@@ -42,6 +45,17 @@ class ServerProcess:
 
     def stop(self) -> int:
         return stop_process(self.process, grace_s=60.0)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the /metrics samples called `name` (as exposed: `..._total`, `..._count`) whose labels
+        include `labels`; 0 when there are none."""
+        body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
 
 def stop_process(process: subprocess.Popen, grace_s: float) -> int:

@@ -19,6 +19,7 @@ STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
@@ -39,6 +40,14 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return code, f"internal error ({type(error).__name__}); the server logged the details"
 
 
+def trailers_of(error: Exception) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for an error: a full queue tells retrying clients when to come back
+    (gRPC's retry pushback: clients with a retry policy wait that long before their next attempt)."""
+    if isinstance(error, errors.ResourceExhausted):
+        return (("grpc-retry-pushback-ms", str(max(1, round(error.retry_after_s * 1e3)))),)
+    return ()
+
+
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
@@ -51,6 +60,6 @@ def grpc_errors(method: Handler) -> Handler:
             return await method(self, request, context)
         except Exception as error:
             code, message = status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, trailers_of(error))
 
     return wrapper  # type: ignore[return-value]

@@ -1,8 +1,9 @@
-"""Batch assembly and the batch queue (service/batching.py): batched answers equal answers alone, the policy's
-triggers and bounds. The service does not batch through it yet; these pin its behaviour first."""
+"""Batch assembly, the batch queue and the batcher (service/batching.py, service/batcher.py): batched answers
+equal answers alone, the policy's triggers and bounds, companions chosen by length."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.reference import relative_l2
-from service.batching import BatchPolicy, BatchQueue, QueueFull, Waiting, assemble
+from service.batcher import Batcher
+from service.batching import BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
 from service.engine import Engine
 from service.model_dir import load_model_directory
+from service.seq_buckets import seq_bucket
 from service.types import AttentionRequest, WeightsSpec
 
 D_MODEL = 512
@@ -124,3 +127,52 @@ def test_weights_requests_run_alone_and_drain_empties_the_queue() -> None:
     assert first is not None and len(first) == 1 and first[0].request.weights is not None
     assert queue.take(now=0.0, flush=True) is not None
     assert len(queue.drain()) == 1 and len(queue) == 0 and queue.tokens == 0
+
+
+def test_companions_are_the_nearest_in_length_while_the_padding_stays_within_its_cap() -> None:
+    queue = _queue(max_batch_size=8, max_padding=0.15)
+    for t, seq in enumerate((100, 250, 110, 95, 200)):  # one bucket (65…256)
+        queue.put(Waiting(_request(seq), float(t)))
+    batch = queue.take(now=10.0)
+    assert batch is not None and [w.request.seq_len for w in batch] == [100, 95, 110]  # 200 would pad 37%
+    rest = queue.take(now=10.0)
+    assert rest is not None and [w.request.seq_len for w in rest] == [250, 200]  # 200 beside 250 pads 10%
+    assert len(queue) == 0
+
+
+def test_an_empty_queue_lets_in_a_request_larger_than_its_token_bound() -> None:
+    queue = _queue(max_queue_tokens=100)
+    queue.put(Waiting(_request(200), 0.0))  # the limits, not the queue, bound a single request
+    with pytest.raises(QueueFull):
+        queue.put(Waiting(_request(8), 0.0))
+
+
+def test_run_times_estimate_per_sequence_by_bucket() -> None:
+    times = RunTimes((16, 64), weight=0.5)
+    assert times.estimate(_request(40)) == 0.0  # nothing measured: no refusal
+    times.record(seq_len=50, rows=4, seconds=0.4)  # 0.1 s per sequence in the 17…64 bucket
+    times.record(seq_len=60, rows=1, seconds=0.2)
+    assert times.estimate(_request(30, batch=2)) == pytest.approx(2 * 0.15)
+    assert times.estimate(_request(8)) == 0.0 and times.estimate(_request(100)) == 0.0
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mix=_mixes())
+def test_the_batcher_batches_by_bucket_and_answers_each_as_alone(engine: Engine, mix: list[AttentionRequest]) -> None:
+    """Submitted together with a queue delay, requests of one bucket share one run; every answer is its own."""
+    policy = BatchPolicy(max_queue_delay_s=0.2, max_padding=1.0)
+    batcher = Batcher(engine, policy, workers=1)
+
+    async def together() -> list:
+        return await asyncio.gather(*(batcher.submit(r) for r in mix))
+
+    try:
+        answers = asyncio.run(together())
+    finally:
+        batcher.close()
+    assert batcher.stats.execution_count == len({seq_bucket(r.seq_len) for r in mix})
+    for request, (output, queued) in zip(mix, answers, strict=True):
+        alone = engine.run(request.hidden_states, request.mask, want_probs=False).output
+        real = request.mask if request.mask is not None else np.ones(alone.shape[:2], np.int32)
+        assert output.output.shape == alone.shape and queued >= 0
+        assert relative_l2(output.output[real == 1], alone[real == 1]) <= 1e-5
