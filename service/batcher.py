@@ -76,8 +76,9 @@ class Batcher:
         if self._closed:
             raise Unavailable("server is stopping; retry on another replica")
         now = time.perf_counter()
-        self._refuse_if_late(request)
-        waiting = Waiting(request, now, asyncio.get_running_loop().create_future())
+        cost_s = self.run_times.estimate(request)
+        self._refuse_if_late(request, cost_s)
+        waiting = Waiting(request, now, asyncio.get_running_loop().create_future(), cost_s / self.workers)
         try:
             self.queue.put(waiting)
         except QueueFull as e:
@@ -160,11 +161,10 @@ class Batcher:
                 return False
         return True
 
-    def _refuse_if_late(self, request: AttentionRequest) -> None:
+    def _refuse_if_late(self, request: AttentionRequest, need: float) -> None:
         if request.deadline is None:
             return
         left = request.deadline - time.monotonic()
-        need = self.run_times.estimate(request)
         if left <= need:
             self.metrics.observe_dropped("deadline")
             raise DeadlineExceeded(_late_message(left, need, 0.0))
@@ -210,8 +210,7 @@ class Batcher:
 
     def _drain_estimate_s(self) -> float:
         """Roughly how long the queue takes to empty: a retry sooner would likely find it full again."""
-        waiting = [w.request for w in self.queue]
-        return sum(self.run_times.estimate(r) for r in waiting) / max(1, self.workers)
+        return self.queue.cost_s
 
     # On an engine thread.
 

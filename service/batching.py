@@ -10,10 +10,13 @@ within max_padding, so no request waits forever and little compute goes to paddi
 sequence is padded to the longest and the key padding mask marks the padding, so each answer equals the
 one its request would get alone (the masked keys get zero weight; the padded query rows are dropped).
 
-The queue is bounded in requests and in tokens: `put` refuses a request that would pass either bound, at
-once, naming the bound (the service answers RESOURCE_EXHAUSTED); into an empty queue any request fits, so
-the token bound never shuts out a request the limits allow. Weights requests run alone: they need the
-weights graph and their [heads, seq, seq] output is per request anyway.
+The queue is bounded in requests, in tokens and in estimated compute time (each request's cost from its
+bucket's recent runs): `put` refuses a request that would pass a bound, at once, naming the bound (the
+service answers RESOURCE_EXHAUSTED); into an empty queue any request fits, so no bound shuts out a
+request the limits allow. The time bound is what keeps an accepted request's wait short under overload,
+whatever the mix of lengths: a request count or token count means very different waits at 16 and 4096.
+Weights requests run alone: they need the weights graph and their [heads, seq, seq] output is per request
+anyway.
 
 service/batcher.py runs the batches on the engine's threads.
 """
@@ -21,7 +24,7 @@ service/batcher.py runs the batches on the engine's threads.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +45,7 @@ class BatchPolicy:
     max_padding: float = 0.15  # padded share of a batch's computed tokens that companions may add
     max_queue_requests: int = 256
     max_queue_tokens: int = 65536
+    max_queue_wait_s: float = 0.0  # estimated compute waiting (engine threads' seconds); 0 = no bound
     seq_buckets: tuple[int, ...] = DEFAULT_SEQ_BUCKETS
 
 
@@ -52,6 +56,7 @@ class Waiting:
     request: AttentionRequest
     enqueued: float
     tag: object = None  # the caller's handle for the answer (a future), untouched here
+    cost_s: float = 0.0  # estimated compute seconds (RunTimes), summed over the queue to bound its wait
 
     @property
     def rows(self) -> int:
@@ -116,10 +121,16 @@ class BatchQueue:
         self._buckets: dict[str, deque[Waiting]] = {}
         self.requests = 0
         self.tokens = 0
+        self.cost_s = 0.0  # estimated compute of everything waiting
 
     def put(self, waiting: Waiting) -> None:
         """Queue a request, or raise QueueFull naming the bound it would pass."""
         p = self.policy
+        if self.requests and self.cost_s + waiting.cost_s > p.max_queue_wait_s > 0:
+            raise QueueFull(
+                f"queue full: about {self.cost_s * 1e3:.0f} ms of compute waits and this request needs "
+                f"{waiting.cost_s * 1e3:.0f} ms; the limit is {p.max_queue_wait_s * 1e3:.0f} ms"
+            )
         if self.requests + 1 > p.max_queue_requests:
             raise QueueFull(f"queue full: {self.requests} requests waiting, the limit is {p.max_queue_requests}")
         if self.requests and self.tokens + waiting.tokens > p.max_queue_tokens:  # alone, any request may wait
@@ -131,13 +142,10 @@ class BatchQueue:
         self._buckets.setdefault(key, deque()).append(waiting)
         self.requests += 1
         self.tokens += waiting.tokens
+        self.cost_s += waiting.cost_s
 
     def __len__(self) -> int:
         return self.requests
-
-    def __iter__(self) -> Iterator[Waiting]:
-        """Every waiting request, bucket by bucket (for estimates; the queue is not changed)."""
-        return (w for queue in self._buckets.values() for w in queue)
 
     def take(self, now: float, flush: bool = False) -> list[Waiting] | None:
         """The next ready batch (oldest first), removed from the queue; None if no bucket is ready.
@@ -162,6 +170,7 @@ class BatchQueue:
         out = [w for queue in self._buckets.values() for w in queue]
         self._buckets.clear()
         self.requests = self.tokens = 0
+        self.cost_s = 0.0
         return out
 
     def _ready(self, key: str, queue: deque[Waiting], now: float) -> bool:
@@ -183,6 +192,7 @@ class BatchQueue:
             self._add_companions(batch, queue)
         self.requests -= len(batch)
         self.tokens -= sum(w.tokens for w in batch)
+        self.cost_s = max(0.0, self.cost_s - sum(w.cost_s for w in batch)) if self.requests else 0.0
         return batch
 
     def _add_companions(self, batch: list[Waiting], queue: deque[Waiting]) -> None:

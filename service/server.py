@@ -77,14 +77,20 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def batch_policy(settings: Settings) -> BatchPolicy:
+GPU_BATCH_TOKENS = 16384
+
+
+def batch_policy(settings: Settings, engine: Engine) -> BatchPolicy:
+    """The batcher's policy from the settings; max_batch_tokens 0 picks a budget for the provider."""
+    auto_tokens = GPU_BATCH_TOKENS if engine.provider == "cuda" else (engine.narrow_max_tokens or 512)
     return BatchPolicy(
         max_batch_size=settings.max_batch_sequences,
-        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_tokens=settings.max_batch_tokens or auto_tokens,
         max_queue_delay_s=settings.max_queue_delay_us * 1e-6,
         max_padding=settings.max_batch_padding,
         max_queue_requests=settings.max_queue_requests,
         max_queue_tokens=settings.max_queue_tokens,
+        max_queue_wait_s=settings.max_queue_wait_ms * 1e-3,
         seq_buckets=settings.seq_bucket_bounds,
     )
 
@@ -116,9 +122,21 @@ class AttnServer:
         metrics_type = Metrics if settings.metrics else NullMetrics
         self.metrics = metrics_type(settings.seq_bucket_bounds)
         self.batcher = Batcher(
-            self.engine, batch_policy(settings), settings.engine_workers or usable_cores(), self.metrics
+            self.engine, batch_policy(settings, self.engine), settings.engine_workers or usable_cores(), self.metrics
         )
         self.dataplane = DataPlane(self.batcher, self.limits, self.metrics)
+        policy = self.batcher.policy
+        log.info(
+            "batching: %s; queue ≤ %d requests, %d tokens, %g ms of estimated compute; %d engine threads",
+            f"up to {policy.max_batch_size} sequences / {policy.max_batch_tokens} tokens per run, delay "
+            f"{policy.max_queue_delay_s * 1e6:g} µs, padding ≤ {policy.max_padding:.0%}"
+            if policy.max_batch_size > 1
+            else "off (each request runs alone)",
+            policy.max_queue_requests,
+            policy.max_queue_tokens,
+            policy.max_queue_wait_s * 1e3,
+            self.batcher.workers,
+        )
         self.metrics.set_model_info(
             settings.model_name, model.d_model, model.num_heads, self.engine.provider, model.weights_sha256
         )
@@ -129,7 +147,11 @@ class AttnServer:
         self.health = health_aio.HealthServicer()
         token = settings.bearer_token()
         interceptors = [BearerTokenInterceptor(token)] if token else []
-        self.server = grpc.aio.server(options=_channel_options(settings), interceptors=interceptors)
+        self.server = grpc.aio.server(
+            options=_channel_options(settings),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeServicer(self.dataplane, self.engine, settings, observer), self.server
         )

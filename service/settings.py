@@ -60,7 +60,11 @@ class Settings(BaseSettings):
         "off (each request runs alone)",
     )
     max_batch_tokens: int = Field(
-        16384, ge=1, description="dynamic batching: most tokens (sequences × padded length) in one engine run"
+        0,
+        ge=0,
+        description="dynamic batching: most tokens (sequences × padded length) in one engine run; 0 = auto: 16384 "
+        "on CUDA, narrow_max_tokens (or 512) on CPU, where a bigger run is compute-bound and batching it only "
+        "adds padding and waiting (make bench-batching)",
     )
     max_queue_delay_us: int = Field(
         0,
@@ -83,6 +87,19 @@ class Settings(BaseSettings):
         ge=1,
         description="tokens (batch × sequence length) waiting for an engine thread; beyond it new requests get "
         "RESOURCE_EXHAUSTED (a request alone is always let in)",
+    )
+    max_queue_wait_ms: float = Field(
+        1000.0,
+        ge=0,
+        description="estimated compute time waiting for an engine thread (from each length's recent runs); beyond "
+        "it new requests get RESOURCE_EXHAUSTED, so an accepted request's wait stays about this short under "
+        "overload; 0 = no bound",
+    )
+    max_concurrent_rpcs: int = Field(
+        1024,
+        ge=1,
+        description="calls (a stream counts once) the gRPC server takes at once; beyond it gRPC answers "
+        "RESOURCE_EXHAUSTED before reading the request, which bounds memory under any offered load",
     )
     max_seq_len: int = Field(0, ge=0, description="longest sequence accepted; 0 = the model's max_seq_len")
     max_weights_seq_len: int = Field(

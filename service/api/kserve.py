@@ -73,6 +73,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.settings.max_batch_size,
             gpu=self.engine.provider == "cuda",
             instances=self.dataplane.batcher.workers,
+            policy=self.dataplane.batcher.policy,
         )
 
     @grpc_errors

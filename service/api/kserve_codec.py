@@ -9,6 +9,7 @@ import numpy as np
 from service._pb.inference import grpc_service_pb2 as pb
 from service._pb.inference import model_config_pb2 as config_pb
 from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape, dtype_name
+from service.batching import BatchPolicy
 from service.engine import INPUT, MASK, OUTPUT, WEIGHTS_OUTPUT
 from service.errors import InvalidInput, NotFound
 from service.stats import Duration, ModelStats
@@ -121,12 +122,11 @@ def model_metadata(served: str, d_model: int) -> pb.ModelMetadataResponse:
 
 
 def model_config(
-    served: str, d_model: int, num_heads: int, max_batch_size: int, gpu: bool, instances: int
+    served: str, d_model: int, num_heads: int, max_batch_size: int, gpu: bool, instances: int, policy: BatchPolicy
 ) -> pb.ModelConfigResponse:
-    """Triton's ModelConfig: dims exclude the batch dimension because max_batch_size > 0.
-
-    No `dynamic_batching` yet: each request runs as the batch its client sent, and the config says so.
-    """
+    """Triton's ModelConfig: dims exclude the batch dimension because max_batch_size > 0. `dynamic_batching`
+    is there when the server batches (policy.max_batch_size > 1); its queue policy gives the request bound.
+    Our token, padding and wait bounds have no Triton field: `parameters` names them."""
     fp32 = config_pb.TYPE_FP32
     group = config_pb.ModelInstanceGroup
     config = config_pb.ModelConfig(
@@ -148,6 +148,14 @@ def model_config(
         },
         instance_group=[group(kind=group.KIND_GPU if gpu else group.KIND_CPU, count=instances)],
     )
+    if policy.max_batch_size > 1:
+        config.dynamic_batching.max_queue_delay_microseconds = round(policy.max_queue_delay_s * 1e6)
+        config.dynamic_batching.default_queue_policy.max_queue_size = policy.max_queue_requests
+        config.parameters["dynamic_batching"].string_value = (
+            f"up to {policy.max_batch_size} sequences and {policy.max_batch_tokens} tokens per run, grouped by "
+            f"sequence-length bucket, padding ≤ {policy.max_padding:.0%}; queue ≤ {policy.max_queue_tokens} tokens"
+            f" and ≤ {policy.max_queue_wait_s * 1e3:g} ms of estimated compute"
+        )
     return pb.ModelConfigResponse(config=config)
 
 

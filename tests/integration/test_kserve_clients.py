@@ -85,7 +85,9 @@ def test_tritonclient_unchanged(server: ServerProcess, reference_model: tuple, t
     model_config = facts["config"]
     assert model_config["max_batch_size"] == 8
     assert model_config["input"][0]["dims"] == ["-1", str(config["d_model"])]
-    assert "dynamic_batching" not in model_config  # no server-side batching yet: the config must not claim it
+    # The server batches (default settings): the config says so, with its queue bound, as Triton's would.
+    assert model_config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 256
+    assert "tokens per run" in model_config["parameters"]["dynamic_batching"]["string_value"]
     assert "statistics" in facts["server"]["extensions"]
     assert facts["id"] == "req-42"
     assert facts["plain_outputs"] == ["output"]

@@ -176,3 +176,14 @@ def test_the_batcher_batches_by_bucket_and_answers_each_as_alone(engine: Engine,
         real = request.mask if request.mask is not None else np.ones(alone.shape[:2], np.int32)
         assert output.output.shape == alone.shape and queued >= 0
         assert relative_l2(output.output[real == 1], alone[real == 1]) <= 1e-5
+
+
+def test_the_queue_is_bounded_in_estimated_compute_time() -> None:
+    queue = _queue(max_queue_wait_s=0.5)
+    queue.put(Waiting(_request(64), 0.0, cost_s=2.0))  # alone, a request always fits
+    with pytest.raises(QueueFull, match=r"about 2000 ms of compute waits .* the limit is 500 ms"):
+        queue.put(Waiting(_request(8), 0.0, cost_s=0.01))
+    assert queue.take(now=10.0) is not None and queue.cost_s == 0.0
+    queue.put(Waiting(_request(8), 0.0, cost_s=0.2))
+    queue.put(Waiting(_request(8), 0.0, cost_s=0.2))  # 0.4 s waiting: within the bound
+    assert len(queue) == 2 and queue.cost_s == pytest.approx(0.4)
