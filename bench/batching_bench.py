@@ -41,7 +41,7 @@ import grpc
 import onnxruntime as ort
 
 from bench.metrics_bench import ServerError, code_version, rotated
-from bench.serve_bench import CpuMeter, start_bench_server, stop_process
+from bench.serve_bench import CpuMeter, start_bench_server, start_in_parallel, stop_process
 from service.engine import usable_cores
 from service.seq_buckets import bucket_labels
 from service.settings import parse_settings
@@ -122,19 +122,9 @@ def start_endpoint(name: str, model_dir: Path, provider: str, log_dir: Path) -> 
 
 def start_endpoints(model_dir: Path, provider: str, log_dir: Path) -> dict[str, Endpoint]:
     """batching, off and echo, started in parallel; none left running if one fails."""
-    names = [*SERVICES, ECHO]
-    with ThreadPoolExecutor(len(names)) as pool:
-        futures = {name: pool.submit(start_endpoint, name, model_dir, provider, log_dir) for name in names}
-    endpoints, failed = {}, []
-    for name, future in futures.items():
-        try:
-            endpoints[name] = future.result()
-        except Exception as e:
-            failed.append(f"{name}: {e}")
-    if failed:
-        stop_endpoints(endpoints)
-        raise RuntimeError("servers failed to start:\n" + "\n".join(failed))
-    return endpoints
+    return start_in_parallel(
+        [*SERVICES, ECHO], lambda name: start_endpoint(name, model_dir, provider, log_dir), Endpoint.stop
+    )
 
 
 def stop_endpoints(endpoints: dict[str, Endpoint]) -> None:

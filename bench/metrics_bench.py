@@ -27,14 +27,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import onnxruntime as ort
 
-from bench.serve_bench import CpuMeter, _proc_cpu_s
+from bench.serve_bench import CpuMeter, _proc_cpu_s, start_in_parallel
 from service.engine import usable_cores
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
 from tests.load.workload import Shape, Target, kserve_target, v1_target
@@ -104,19 +103,7 @@ def start_variant(model_dir: Path, name: str, log_dir: Path, timeout_s: float = 
 
 def start_servers(model_dir: Path, log_dir: Path, names: Sequence[str] = tuple(VARIANTS)) -> dict[str, Server]:
     """One server per variant, started in parallel; none left running if one fails."""
-    with ThreadPoolExecutor(len(names)) as pool:
-        futures = {name: pool.submit(start_variant, model_dir, name, log_dir) for name in names}
-    servers, failed = {}, []
-    for name, future in futures.items():
-        try:
-            servers[name] = future.result()
-        except Exception as e:
-            failed.append(str(e))
-    if failed:
-        for server in servers.values():
-            server.stop()
-        raise RuntimeError("servers failed to start:\n" + "\n".join(failed))
-    return servers
+    return start_in_parallel(names, lambda name: start_variant(model_dir, name, log_dir), Server.stop)
 
 
 # --------------------------------------------------------------------------------------------- measuring

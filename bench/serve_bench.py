@@ -26,10 +26,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -164,6 +165,29 @@ def stop_process(process: subprocess.Popen) -> None:
         process.wait()
 
 
+Started = TypeVar("Started")
+
+
+def start_in_parallel(
+    names: Sequence[str], start: Callable[[str], Started], stop: Callable[[Started], None]
+) -> dict[str, Started]:
+    """start(name) for every name at once (each server starts in its own process); if one fails, the others
+    are stopped and the error names every failure."""
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = {name: pool.submit(start, name) for name in names}
+    started, failed = {}, []
+    for name, future in futures.items():
+        try:
+            started[name] = future.result()
+        except Exception as e:
+            failed.append(f"{name}: {e}")
+    if failed:
+        for server in started.values():
+            stop(server)
+        raise RuntimeError("servers failed to start:\n" + "\n".join(failed))
+    return started
+
+
 def start_servers(model_dir: Path, names: set[str]) -> dict[str, Running]:
     """Every server a row needs, started in parallel, each in its own process."""
 
@@ -174,19 +198,7 @@ def start_servers(model_dir: Path, names: set[str]) -> dict[str, Running]:
         service = start_server(model_dir, *SERVICE_VARIANTS[name])
         return Running(name, service.address, service.process, service.stop)
 
-    with ThreadPoolExecutor(len(names)) as pool:
-        futures = {name: pool.submit(start, name) for name in sorted(names)}
-    running, failed = {}, []
-    for name, future in futures.items():
-        try:
-            running[name] = future.result()
-        except Exception as e:
-            failed.append(f"{name}: {e}")
-    if failed:
-        for server in running.values():
-            server.stop()
-        raise RuntimeError("servers failed to start:\n" + "\n".join(failed))
-    return running
+    return start_in_parallel(sorted(names), start, lambda server: server.stop())
 
 
 # ------------------------------------------------------------------------------------------ in-process
