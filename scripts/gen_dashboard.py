@@ -66,6 +66,11 @@ def mean(histogram: str, *matchers: str) -> str:
     return f"{sum_rate(histogram + '_sum', *matchers)} / {sum_rate(histogram + '_count', *matchers)}"
 
 
+def mean_and_p90(histogram: str) -> tuple[Target, Target]:
+    """A per-run histogram's typical value and its upper tail, as two series of one panel."""
+    return Target(mean(histogram), "mean"), Target(quantile(0.9, histogram), "p90")
+
+
 def zero_when_absent(expr: str) -> str:
     """`expr`, or 0 while the service is scraped: a labelled counter has no series before its first event,
     and an empty panel reads as "broken" where 0 means "none happened"."""
@@ -245,10 +250,7 @@ THROUGHPUT = Row(
             "Batch size",
             "timeseries",
             "Sequences per engine run: near 1 under load means the batcher finds nothing to combine.",
-            (
-                Target(mean("attnserve_batch_size"), "mean"),
-                Target(quantile(0.9, "attnserve_batch_size"), "p90"),
-            ),
+            mean_and_p90("attnserve_batch_size"),
             unit="short",
             axis_label="sequences",
         ),
@@ -256,10 +258,7 @@ THROUGHPUT = Row(
             "Padding ratio",
             "timeseries",
             "Share of computed tokens that are padding (batches pad to their longest sequence): wasted compute.",
-            (
-                Target(mean("attnserve_padding_ratio"), "mean"),
-                Target(quantile(0.9, "attnserve_padding_ratio"), "p90"),
-            ),
+            mean_and_p90("attnserve_padding_ratio"),
             unit="percentunit",
             max=1.0,
         ),
