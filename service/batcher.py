@@ -76,14 +76,16 @@ class Batcher:
         if self._closed:
             raise Unavailable("server is stopping; retry on another replica")
         now = time.perf_counter()
-        cost_s = self.run_times.estimate(request)
-        self._refuse_if_late(request, cost_s)
-        waiting = Waiting(request, now, asyncio.get_running_loop().create_future(), cost_s / self.workers)
+        need_s = self.run_times.estimate(request)
+        if (late := self._deadline_lost(request, time.monotonic(), need_s, waited_s=0.0)) is not None:
+            raise late
+        waiting = Waiting(request, now, asyncio.get_running_loop().create_future(), need_s / self.workers)
         try:
             self.queue.put(waiting)
         except QueueFull as e:
             self.metrics.observe_dropped("queue_full")
-            raise ResourceExhausted(f"{e}; retry later or on another replica", self._drain_estimate_s()) from None
+            # Retry-pushback: about when the queue has emptied; sooner would likely find it full again.
+            raise ResourceExhausted(f"{e}; retry later or on another replica", self.queue.cost_s) from None
         self._schedule()
         return await waiting.tag  # type: ignore[no-any-return]
 
@@ -104,7 +106,7 @@ class Batcher:
     def _schedule(self) -> None:
         """Start every batch that is ready and has a free engine thread; wake up when the next one is due."""
         while self._free_workers > 0 and len(self.queue):
-            members = self.queue.take(time.perf_counter(), flush=self._closed)
+            members = self.queue.take(time.perf_counter())
             if members is None:
                 break
             self._start(members)
@@ -139,7 +141,7 @@ class Batcher:
         self._free_workers -= 1
         self._running.add(run)
         for waiting in live:
-            waiting.tag.add_done_callback(lambda _, run=run: self._stop_if_abandoned(run))  # type: ignore[attr-defined]
+            waiting.tag.add_done_callback(lambda _, run=run: self._stop_if_abandoned(run))
         started = time.perf_counter()
         future = asyncio.wrap_future(self._executor.submit(self._compute, run))
         future.add_done_callback(lambda f: self._finish(run, started, f))
@@ -147,30 +149,34 @@ class Batcher:
     def _still_wanted(self, waiting: Waiting, now: float) -> bool:
         """False (and the request answered and counted) when its client left or its deadline is lost."""
         request = waiting.request
-        if waiting.tag.cancelled():  # type: ignore[attr-defined]
+        if waiting.tag.cancelled():
             late = request.deadline is not None and now >= request.deadline
             self.metrics.observe_dropped("deadline" if late else "cancelled")
             return False
-        if request.deadline is not None:
-            left = request.deadline - now
-            need = self.run_times.estimate(request)
-            if left <= need:
-                self.metrics.observe_dropped("deadline")
-                waited_ms = (time.perf_counter() - waiting.enqueued) * 1e3
-                self._answer_error(waiting, DeadlineExceeded(_late_message(left, need, waited_ms)))
-                return False
+        waited_s = time.perf_counter() - waiting.enqueued
+        if (late := self._deadline_lost(request, now, self.run_times.estimate(request), waited_s)) is not None:
+            self._answer_error(waiting, late)
+            return False
         return True
 
-    def _refuse_if_late(self, request: AttentionRequest, need: float) -> None:
-        if request.deadline is None:
-            return
-        left = request.deadline - time.monotonic()
-        if left <= need:
-            self.metrics.observe_dropped("deadline")
-            raise DeadlineExceeded(_late_message(left, need, 0.0))
+    def _deadline_lost(
+        self, request: AttentionRequest, now: float, need_s: float, waited_s: float
+    ) -> DeadlineExceeded | None:
+        """The error (counted as a drop) for a request whose deadline passed or is nearer than need_s, the
+        compute its length recently needed; None while it can still be met. now: time.monotonic()."""
+        if request.deadline is None or request.deadline - now > need_s:
+            return None
+        self.metrics.observe_dropped("deadline")
+        left_s = request.deadline - now
+        if left_s <= 0:
+            return DeadlineExceeded(f"deadline passed after {waited_s * 1e3:.1f} ms in the queue, before compute")
+        return DeadlineExceeded(
+            f"deadline cannot be met: {left_s * 1e3:.1f} ms left, and requests of this length recently needed "
+            f"{need_s * 1e3:.1f} ms of compute"
+        )
 
     def _stop_if_abandoned(self, run: Run) -> None:
-        if run in self._running and all(w.tag.cancelled() for w in run.members):  # type: ignore[attr-defined]
+        if run in self._running and all(w.tag.cancelled() for w in run.members):
             run.options.terminate = True  # nobody waits for this run: free its engine thread now
 
     def _finish(self, run: Run, started: float, future: asyncio.Future[EngineOutput | None]) -> None:
@@ -199,18 +205,14 @@ class Batcher:
         self.stats.record_run(rows, output.compute_s)
         self.run_times.record(longest, rows, output.compute_s)
         for waiting, part in zip(batch.members, batch.split(output.output), strict=True):
-            if not waiting.tag.done():  # type: ignore[attr-defined]
+            if not waiting.tag.done():
                 share = EngineOutput(part, output.probs, output.graph, output.compute_s)
-                waiting.tag.set_result((share, started - waiting.enqueued))  # type: ignore[attr-defined]
+                waiting.tag.set_result((share, started - waiting.enqueued))
 
     @staticmethod
     def _answer_error(waiting: Waiting, error: BaseException) -> None:
-        if not waiting.tag.done():  # type: ignore[attr-defined]
-            waiting.tag.set_exception(error)  # type: ignore[attr-defined]
-
-    def _drain_estimate_s(self) -> float:
-        """Roughly how long the queue takes to empty: a retry sooner would likely find it full again."""
-        return self.queue.cost_s
+        if not waiting.tag.done():
+            waiting.tag.set_exception(error)
 
     # On an engine thread.
 
@@ -231,12 +233,3 @@ class Batcher:
             return self.engine.run(batch.hidden_states, batch.mask, want_probs, narrow=True, options=run.options)
         with self._wide:
             return self.engine.run(batch.hidden_states, batch.mask, want_probs, options=run.options)
-
-
-def _late_message(left_s: float, need_s: float, waited_ms: float) -> str:
-    if left_s <= 0:
-        return f"deadline passed after {waited_ms:.1f} ms in the queue, before compute"
-    return (
-        f"deadline cannot be met: {left_s * 1e3:.1f} ms left, and requests of this length recently needed "
-        f"{need_s * 1e3:.1f} ms of compute"
-    )

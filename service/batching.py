@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class Waiting:
 
     request: AttentionRequest
     enqueued: float
-    tag: object = None  # the caller's handle for the answer (a future), untouched here
+    tag: Any = None  # the caller's handle for the answer (the batcher's future), untouched here
     cost_s: float = 0.0  # estimated compute seconds (RunTimes), summed over the queue to bound its wait
 
     @property
@@ -114,7 +115,8 @@ def assemble(members: Sequence[Waiting]) -> Batch:
 
 
 class BatchQueue:
-    """Waiting requests by sequence bucket, bounded in requests and tokens; hands out ready batches."""
+    """Waiting requests by sequence bucket, bounded in requests, tokens and estimated compute; hands out ready
+    batches."""
 
     def __init__(self, policy: BatchPolicy) -> None:
         self.policy = policy
@@ -147,13 +149,10 @@ class BatchQueue:
     def __len__(self) -> int:
         return self.requests
 
-    def take(self, now: float, flush: bool = False) -> list[Waiting] | None:
-        """The next ready batch (oldest first), removed from the queue; None if no bucket is ready.
-        flush: treat every bucket as ready (the engine is idle, or the server drains)."""
+    def take(self, now: float) -> list[Waiting] | None:
+        """The next ready batch (oldest first), removed from the queue; None if no bucket is ready."""
         ready = [
-            (queue[0].enqueued, key)
-            for key, queue in self._buckets.items()
-            if queue and (flush or self._ready(key, queue, now))
+            (queue[0].enqueued, key) for key, queue in self._buckets.items() if queue and self._ready(key, queue, now)
         ]
         if not ready:
             return None
