@@ -49,6 +49,19 @@ class BatchPolicy:
     max_queue_wait_s: float = 0.0  # estimated compute waiting (engine threads' seconds); 0 = no bound
     seq_buckets: tuple[int, ...] = DEFAULT_SEQ_BUCKETS
 
+    def describe(self) -> str:
+        """The policy in one line: the start-up log and ModelConfig's parameters say it the same way."""
+        runs = (
+            f"up to {self.max_batch_size} sequences and {self.max_batch_tokens} tokens per run, grouped by "
+            f"sequence-length bucket, padding ≤ {self.max_padding:.0%}, delay {self.max_queue_delay_s * 1e6:g} µs"
+            if self.max_batch_size > 1
+            else "off (each request runs alone)"
+        )
+        return (
+            f"{runs}; queue ≤ {self.max_queue_requests} requests, {self.max_queue_tokens} tokens and "
+            f"{self.max_queue_wait_s * 1e3:g} ms of estimated compute"
+        )
+
 
 @dataclass
 class Waiting:

@@ -125,18 +125,7 @@ class AttnServer:
             self.engine, batch_policy(settings, self.engine), settings.engine_workers or usable_cores(), self.metrics
         )
         self.dataplane = DataPlane(self.batcher, self.limits, self.metrics)
-        policy = self.batcher.policy
-        log.info(
-            "batching: %s; queue ≤ %d requests, %d tokens, %g ms of estimated compute; %d engine threads",
-            f"up to {policy.max_batch_size} sequences / {policy.max_batch_tokens} tokens per run, delay "
-            f"{policy.max_queue_delay_s * 1e6:g} µs, padding ≤ {policy.max_padding:.0%}"
-            if policy.max_batch_size > 1
-            else "off (each request runs alone)",
-            policy.max_queue_requests,
-            policy.max_queue_tokens,
-            policy.max_queue_wait_s * 1e3,
-            self.batcher.workers,
-        )
+        log.info("batching: %s; %d engine threads", self.batcher.policy.describe(), self.batcher.workers)
         self.metrics.set_model_info(
             settings.model_name, model.d_model, model.num_heads, self.engine.provider, model.weights_sha256
         )

@@ -151,11 +151,7 @@ def model_config(
     if policy.max_batch_size > 1:
         config.dynamic_batching.max_queue_delay_microseconds = round(policy.max_queue_delay_s * 1e6)
         config.dynamic_batching.default_queue_policy.max_queue_size = policy.max_queue_requests
-        config.parameters["dynamic_batching"].string_value = (
-            f"up to {policy.max_batch_size} sequences and {policy.max_batch_tokens} tokens per run, grouped by "
-            f"sequence-length bucket, padding ≤ {policy.max_padding:.0%}; queue ≤ {policy.max_queue_tokens} tokens"
-            f" and ≤ {policy.max_queue_wait_s * 1e3:g} ms of estimated compute"
-        )
+        config.parameters["dynamic_batching"].string_value = policy.describe()
     return pb.ModelConfigResponse(config=config)
 
 
