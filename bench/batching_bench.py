@@ -40,7 +40,7 @@ from pathlib import Path
 import grpc
 import onnxruntime as ort
 
-from bench.metrics_bench import ServerError, code_version, rotated
+from bench.metrics_bench import ServerError, code_version, rotated_rounds
 from bench.serve_bench import CpuMeter, start_bench_server, start_in_parallel, stop_process
 from service.engine import usable_cores
 from service.seq_buckets import bucket_labels
@@ -180,24 +180,14 @@ def measure(
 ) -> Series:
     """A warm-up round, then `rounds` rounds of every server in targets, in rotated order; raises ServerError on
     any error or a server gone (nothing here should fail)."""
-    names = list(targets)
-    series = Series({name: [] for name in names})
-    for round_ in range(-1, rounds):  # round -1: the warm-up, not counted
-        order = rotated(names, round_ + 1)
-        results: dict[str, LoadResult] = {}
-        for name in order:
-            endpoint = endpoints[name]
-            result = run_load(endpoint.address, targets[name], config)
-            if result.errors or not endpoint.alive():
-                raise ServerError(f"{name} ({label}): errors {result.errors}, exit {endpoint.process.poll()}")
-            results[name] = result
-            time.sleep(0.05)  # let the last server's threads go idle before the next one is loaded
-        tag = "warm-up" if round_ < 0 else f"round {round_ + 1}/{rounds}"
-        rates = "  ".join(f"{name} {results[name].throughput_rps:7.0f}" for name in order)
-        print(f"  {label} {tag:<12} req/s: {rates}", flush=True)
-        if round_ >= 0:
-            for name, result in results.items():
-                series.blocks[name].append(result)
+    series = Series({name: [] for name in targets})
+
+    def block(name: str) -> LoadResult:
+        return run_load(endpoints[name].address, targets[name], config)
+
+    for _, results in rotated_rounds({name: endpoints[name] for name in targets}, rounds, label, block):
+        for name, result in results.items():
+            series.blocks[name].append(result)
     return series
 
 

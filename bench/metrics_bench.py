@@ -26,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import onnxruntime as ort
@@ -115,6 +116,38 @@ def rotated(names: Sequence[str], round_: int) -> list[str]:
     return [*names[k:], *names[:k]]
 
 
+class Loaded(Protocol):
+    """A bench server as the rounds see it."""
+
+    process: subprocess.Popen
+
+    def alive(self) -> bool: ...
+
+
+def rotated_rounds(
+    servers: Mapping[str, Loaded], rounds: int, label: str, block: Callable[[str], LoadResult]
+) -> Iterator[tuple[list[str], dict[str, LoadResult]]]:
+    """A warm-up round, then `rounds` counted rounds, each running block(name) once per server in rotated order
+    (only that server under load); yields (order, results) for the counted ones. Raises ServerError when a
+    block erred or its server is gone: nothing here should fail."""
+    names = list(servers)
+    for round_ in range(-1, rounds):  # round -1: the warm-up, not counted
+        order = rotated(names, round_ + 1)
+        results: dict[str, LoadResult] = {}
+        for name in order:
+            server = servers[name]
+            result = block(name)
+            if result.errors or not server.alive():
+                raise ServerError(f"{name} ({label}): errors {result.errors}, exit {server.process.poll()}")
+            results[name] = result
+            time.sleep(0.05)  # let the last server's threads go idle before the next one is loaded
+        tag = "warm-up" if round_ < 0 else f"round {round_ + 1}/{rounds}"
+        rates = "  ".join(f"{name} {results[name].throughput_rps:7.0f}" for name in order)
+        print(f"  {label} {tag:<12} req/s: {rates}", flush=True)
+        if round_ >= 0:
+            yield order, results
+
+
 @dataclass
 class Series:
     """One API's rounds: per variant, one LoadResult per counted round (same index = same round)."""
@@ -158,27 +191,20 @@ def measure(servers: dict[str, Server], target: Target, api: str, rounds: int, r
         max_requests=10**9,  # bounded by time only
         duration_s=round_s,
     )
-    for round_ in range(-1, rounds):  # round -1: the warm-up, not counted
-        order = rotated(names, round_ + 1)
-        results: dict[str, LoadResult] = {}
-        cpu: dict[str, tuple[float, int]] = {}
-        for name in order:
-            server = servers[name]
-            cpu_before = _proc_cpu_s(server.process.pid)
-            result = run_load(server.address, target, config)
-            cpu[name] = (_proc_cpu_s(server.process.pid) - cpu_before, result.count + BLOCK_WARMUP_REQUESTS)
-            if result.errors or not server.alive():
-                raise ServerError(f"{name} ({api}): errors {result.errors}, exit {server.process.poll()}")
-            results[name] = result
-            time.sleep(0.05)  # let the last server's threads go idle before the next one is loaded
-        label = "warm-up" if round_ < 0 else f"round {round_ + 1}/{rounds}"
-        rates = "  ".join(f"{name} {results[name].throughput_rps:7.0f}" for name in order)
-        print(f"  {api} {label:<12} req/s: {rates}", flush=True)
-        if round_ >= 0:
-            series.orders.append(order)
-            for name, result in results.items():
-                series.blocks[name].append(result)
-                series.cpu[name].append(cpu[name])
+    cpu: dict[str, tuple[float, int]] = {}  # the last block's, per server
+
+    def block(name: str) -> LoadResult:
+        server = servers[name]
+        cpu_before = _proc_cpu_s(server.process.pid)
+        result = run_load(server.address, target, config)
+        cpu[name] = (_proc_cpu_s(server.process.pid) - cpu_before, result.count + BLOCK_WARMUP_REQUESTS)
+        return result
+
+    for order, results in rotated_rounds(servers, rounds, api, block):
+        series.orders.append(order)
+        for name, result in results.items():
+            series.blocks[name].append(result)
+            series.cpu[name].append(cpu[name])
     return series
 
 
