@@ -31,6 +31,7 @@ from service.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Un
 from service.limits import check_finite
 from service.metrics import Metrics, NullMetrics
 from service.stats import ModelStats
+from service.thread_priority import lower_this_thread
 from service.types import AttentionRequest
 
 
@@ -53,7 +54,9 @@ class Batcher:
         workers: int = 1,
         metrics: Metrics | None = None,
         stats: ModelStats | None = None,
+        nice: int = 0,
     ) -> None:
+        """nice: how far below the event loop the engine threads run (service/thread_priority.py)."""
         self.engine = engine
         self.policy = policy or BatchPolicy()
         self.metrics = metrics or NullMetrics()
@@ -61,7 +64,9 @@ class Batcher:
         self.workers = workers
         self.queue = BatchQueue(self.policy)
         self.run_times = RunTimes(self.policy.seq_buckets)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="engine")
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="engine", initializer=lower_this_thread, initargs=(nice,)
+        )
         self._free_workers = workers
         self._running: set[Run] = set()
         self._timer: asyncio.TimerHandle | None = None

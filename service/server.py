@@ -27,6 +27,7 @@ from service.metrics import Metrics, NullMetrics
 from service.model_dir import load_model_directory
 from service.observe import AccessLog, Observer
 from service.settings import Settings
+from service.thread_priority import call_on_lowered_thread
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,11 @@ class AttnServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         model = load_model_directory(settings.model_dir)
-        self.engine = Engine(
-            model, settings.provider, settings.intra_op_threads, settings.allow_spinning, settings.narrow_max_tokens
+        self.engine = call_on_lowered_thread(  # onnxruntime's intra-op threads inherit the lowered priority
+            lambda: Engine(
+                model, settings.provider, settings.intra_op_threads, settings.allow_spinning, settings.narrow_max_tokens
+            ),
+            settings.engine_nice,
         )
         log.info(
             "provider %s: %s; %d intra-op threads",
@@ -122,7 +126,11 @@ class AttnServer:
         metrics_type = Metrics if settings.metrics else NullMetrics
         self.metrics = metrics_type(settings.seq_bucket_bounds)
         self.batcher = Batcher(
-            self.engine, batch_policy(settings, self.engine), settings.engine_workers or usable_cores(), self.metrics
+            self.engine,
+            batch_policy(settings, self.engine),
+            settings.engine_workers or usable_cores(),
+            self.metrics,
+            nice=settings.engine_nice,
         )
         self.dataplane = DataPlane(self.batcher, self.limits, self.metrics)
         log.info("batching: %s; %d engine threads", self.batcher.policy.describe(), self.batcher.workers)

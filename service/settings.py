@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per run; 0 = one per CPU core")
     engine_workers: int = Field(0, ge=0, description="engine threads (runs in flight at once); 0 = one per core")
+    engine_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU priority of the compute threads below the gRPC threads (nice); under overload the "
+        "server keeps reading requests and refusing promptly instead of computing while callers wait; 0 = equal",
+    )
     narrow_max_tokens: int = Field(
         512,
         ge=0,

@@ -16,6 +16,7 @@ import pytest
 
 from service._pb.attnserve.v1 import attention_pb2 as v1
 from service.api.v1_codec import tensor_to_pb
+from service.engine import usable_cores
 from tests.load.loadgen import LoadConfig, run_load
 from tests.load.workload import LengthMix, build_target
 from tests.server_process import ServerProcess, start_server
@@ -134,6 +135,27 @@ def test_a_deadline_that_cannot_be_met_is_refused_before_queueing(one_thread: Se
     assert measured[0] == grpc.StatusCode.OK
     assert hopeless[0] == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "deadline cannot be met" in hopeless[1] and "ms of compute" in hopeless[1], hopeless[1]
+
+
+def _thread_nice(pid: int) -> dict[int, int]:
+    """thread id -> nice, from /proc (field 19 of stat; the name before it may hold spaces)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return {int(t.name): int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in tasks.iterdir()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice is read from Linux's /proc")
+def test_compute_threads_run_below_the_event_loop(one_thread: ServerProcess) -> None:
+    async def one() -> tuple:
+        async with _channel(one_thread) as channel:
+            return await _timed(channel.unary_unary(ATTEND), _request(64, 6))
+
+    assert asyncio.run(one())[0] == grpc.StatusCode.OK  # the engine thread exists once it has run something
+    nice = _thread_nice(one_thread.process.pid)
+    assert nice[one_thread.process.pid] == 0  # the main thread: the event loop
+    lowered = [tid for tid, value in nice.items() if value == 10]  # --engine-nice's default
+    # The engine thread, plus onnxruntime's intra-op pools (created at load) where there are 2+ cores.
+    assert len(lowered) >= (2 if usable_cores() > 1 else 1), nice
+    assert sorted(set(nice.values())) == [0, 10], nice  # gRPC's threads keep the loop's priority
 
 
 def test_under_overload_every_request_is_answered(served_model: Path) -> None:
