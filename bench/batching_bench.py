@@ -1,6 +1,7 @@
 """`make bench-batching`: what dynamic batching buys in throughput and latency, and how it holds under overload.
 
-Three servers, one process each, started in parallel: **batching** (`python -m service`, default flags),
+Three servers, one process each, started in parallel: **batching** (`python -m service`, default flags
+plus --batching-flags),
 **off** (`--max-batch-sequences 1`: each request runs alone) and the **echo** gRPC server (bench/echo_server.py,
 the floor of Python gRPC here). One load client in this process loads one server at a time:
 
@@ -15,7 +16,7 @@ round cancels out. Exit 0 whatever the verdicts (they are in the report); 1 if a
 sections 1–2.
 
     python -m bench.batching_bench --model-dir models/attention --out reports/batching_bench.md [--rounds N]
-        [--round-s S] [--overload-s S] [--provider auto] [--quick]
+        [--round-s S] [--overload-s S] [--provider auto] [--batching-flags "..."] [--quick]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,7 +60,7 @@ SMALL_CONCURRENCY = 8
 BATCHING, OFF, ECHO = "batching", "off", "echo"
 # name -> (extra `python -m service` flags besides --provider, what it is)
 SERVICES: dict[str, tuple[tuple[str, ...], str]] = {
-    BATCHING: ((), "dynamic batching, default flags"),
+    BATCHING: ((), "dynamic batching"),
     OFF: (("--max-batch-sequences", "1"), "batching off: each request runs alone"),
 }
 DESCRIPTIONS = {**{name: what for name, (_, what) in SERVICES.items()}, ECHO: "echo gRPC server: the floor"}
@@ -109,22 +111,28 @@ class Endpoint:
             stop_process(self.process)
 
 
-def start_endpoint(name: str, model_dir: Path, provider: str, log_dir: Path) -> Endpoint:
+def start_endpoint(
+    name: str, model_dir: Path, provider: str, log_dir: Path, extra: tuple[str, ...] = ()
+) -> Endpoint:  # fmt: skip
     if name == ECHO:
         process, port = start_bench_server("echo_server", model_dir)
         return Endpoint(name, f"127.0.0.1:{port}", process)
-    flags = ("--provider", provider, *SERVICES[name][0])
+    flags = ("--provider", provider, *SERVICES[name][0], *extra)
     # stdout (the access log: refused requests in section 3) to a file, not to a reader thread in this process
     # that would take the load client's GIL.
     service = start_server(model_dir, *flags, stdout=log_dir / f"{name}.access.jsonl")
     return Endpoint(name, service.address, service.process, service, flags)
 
 
-def start_endpoints(model_dir: Path, provider: str, log_dir: Path) -> dict[str, Endpoint]:
-    """batching, off and echo, started in parallel; none left running if one fails."""
-    return start_in_parallel(
-        [*SERVICES, ECHO], lambda name: start_endpoint(name, model_dir, provider, log_dir), Endpoint.stop
-    )
+def start_endpoints(
+    model_dir: Path, provider: str, log_dir: Path, batching_flags: tuple[str, ...] = ()
+) -> dict[str, Endpoint]:  # fmt: skip
+    """batching (with batching_flags added), off and echo, started in parallel; none left running if one fails."""
+
+    def start(name: str) -> Endpoint:
+        return start_endpoint(name, model_dir, provider, log_dir, batching_flags if name == BATCHING else ())
+
+    return start_in_parallel([*SERVICES, ECHO], start, Endpoint.stop)
 
 
 def stop_endpoints(endpoints: dict[str, Endpoint]) -> None:
@@ -420,7 +428,13 @@ def _ratio_cells(ratios: Sequence[float], reference: bool) -> tuple[str, str]:
     return f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}–{max(ratios):.2f}"
 
 
-def mixed_table(mixed: Mixed) -> list[str]:
+def _settings(name: str, endpoints: dict[str, Endpoint]) -> str:
+    """What a server is, with the flags the bench added beyond its kind's."""
+    added = endpoints[name].flags[2 + len(SERVICES[name][0]) :] if name in SERVICES else ()
+    return f"{DESCRIPTIONS[name]}, {' '.join(added) or 'default flags'}" if name == BATCHING else DESCRIPTIONS[name]
+
+
+def mixed_table(mixed: Mixed, endpoints: dict[str, Endpoint]) -> list[str]:
     lines = [
         "| server | settings | req/s | tokens/s | p50 ms | p99 ms | req/s ÷ off: median | spread (min–max) | n |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -430,8 +444,8 @@ def mixed_table(mixed: Mixed) -> list[str]:
         r = mixed.series.merged(name)
         ratio, spread = _ratio_cells(ratios, reference=name == OFF)
         lines.append(
-            f"| {name} | {DESCRIPTIONS[name]} | {r.throughput_rps:.1f} | {r.tokens_per_s:,.0f} | {r.p50_ms:.1f} | "
-            f"{r.p99_ms:.1f} | {ratio} | {spread} | {r.count} |"
+            f"| {name} | {_settings(name, endpoints)} | {r.throughput_rps:.1f} | {r.tokens_per_s:,.0f} | "
+            f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {ratio} | {spread} | {r.count} |"
         )
     return lines
 
@@ -498,6 +512,7 @@ def report(
     command = (
         f"python -m bench.batching_bench --model-dir {args.model_dir} --rounds {args.rounds} --round-s "
         f"{args.round_s:g} --overload-s {args.overload_s:g} --provider {args.provider}"
+        f"{f' --batching-flags {shlex.quote(args.batching_flags)}' if args.batching_flags else ''}"
         f"{' --quick' if args.quick else ''}"
     )
     providers = ", ".join(f"{name} {endpoints[name].provider()}" for name in SERVICES)
@@ -515,7 +530,7 @@ def report(
         f"Counted rounds: {args.rounds} of {args.round_s:g} s per server, after one warm-up round; a pool of "
         f"{MIX_POOL} requests (seed {MIX_SEED}).",
         "",
-        *mixed_table(mixed),
+        *mixed_table(mixed, endpoints),
         "",
         f"Batching server over this section (warm-up round included): {mixed.runs:.0f} engine runs, mean "
         f"{mixed.mean_batch:.2f} sequences per run, mean padding {mixed.mean_padding:.1%} of a run's computed "
@@ -566,6 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-s", type=float, default=6.0, help="seconds each server runs per round")
     p.add_argument("--overload-s", type=float, default=20.0, help="seconds of overload (section 3)")
     p.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto", help="both services' provider")
+    p.add_argument(
+        "--batching-flags",
+        default="",
+        help='flags added to the batching server, e.g. "--max-queue-wait-ms 100" (a latency-bound queue)',
+    )
     p.add_argument("--quick", action="store_true", help="1 round of 1 s, 2 s of overload (tests)")
     args = p.parse_args(argv)
     if args.quick:
@@ -577,7 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     code = code_version()  # now, as the servers start: they run what is on disk at that moment
     with tempfile.TemporaryDirectory(prefix="batching_bench.") as log_dir:
         print(f"starting {', '.join([*SERVICES, ECHO])} ...", flush=True)
-        endpoints = start_endpoints(args.model_dir, args.provider, Path(log_dir))
+        endpoints = start_endpoints(
+            args.model_dir, args.provider, Path(log_dir), tuple(shlex.split(args.batching_flags))
+        )
         try:
             meter = CpuMeter([os.getpid(), *(e.process.pid for e in endpoints.values())])
             try:
@@ -595,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(mixed, small, over, endpoints, usage, code, args, time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    print("\n" + "\n".join([*mixed_table(mixed), "", *small_table(small), "", *overload_tables(over), ""]))
+    print("\n" + "\n".join([*mixed_table(mixed, endpoints), "", *small_table(small), "", *overload_tables(over), ""]))
     print("\n".join(check.line() for check in checks(mixed, small, over)))
     print(f"\nwritten to {args.out}")
     return 0
