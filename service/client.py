@@ -27,6 +27,7 @@ import numpy as np
 from service._pb.attnserve.v1 import attention_pb2 as pb
 from service._pb.attnserve.v1 import attention_pb2_grpc as pb_grpc
 from service.api.v1_codec import HIDDEN_DTYPES, tensor_from_pb, tensor_to_pb
+from service.channel_policy import balanced_options
 
 DEFAULT_TARGET = "127.0.0.1:8001"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -195,9 +196,12 @@ def channel_credentials(
 
 
 def channel_options(max_message_bytes: int, tls_server_name: str | None) -> list[tuple[str, Any]]:
+    """Message limits, and calls balanced over every address the target resolves to, UNAVAILABLE retried
+    (service/channel_policy.py)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        *balanced_options(),
     ]
     if tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls_server_name))
