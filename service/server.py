@@ -63,7 +63,8 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
         # Let clients keep idle connections alive with pings every 10 s without being sent GOAWAY.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silent share
+        # Off by default: a port already taken is an error, not a silent share.
+        ("grpc.so_reuseport", int(settings.reuse_port)),
     ]
 
 

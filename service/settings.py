@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     model_name: str = Field("attention", description="model name on the KServe v2 API")
     host: str = Field("0.0.0.0", description="address the gRPC and metrics servers bind")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    reuse_port: bool = Field(
+        False,
+        description="let other processes listen on the same gRPC port (SO_REUSEPORT; the kernel spreads "
+        "connections over them); off: a port already taken is an error",
+    )
     health_port: int | None = Field(
         None,
         ge=0,
