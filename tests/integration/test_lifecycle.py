@@ -24,20 +24,15 @@ from service._pb.attnserve.v1 import attention_pb2_grpc as v1_grpc
 from service._pb.inference import grpc_service_pb2 as kserve
 from service._pb.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.api.v1_codec import tensor_from_pb, tensor_to_pb
+from service.healthcheck import health_status
 from tests.server_process import ServerProcess, server_command, start_server
 
 SERVICES = ("", "inference.GRPCInferenceService", "attnserve.v1.AttentionService")
 
 
-def _health(address: str, service: str = "") -> int:
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
-
-
 def test_health_serving_for_server_and_each_service(server: ServerProcess) -> None:
     for name in SERVICES:
-        assert _health(server.address, name) == health_pb2.HealthCheckResponse.SERVING, name
+        assert health_status(server.address, name, timeout_s=5) == "SERVING", name
 
 
 def test_grpcurl_lists_and_describes_through_reflection(server: ServerProcess) -> None:
