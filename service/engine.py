@@ -6,6 +6,7 @@ Everything here blocks; callers run it in the engine's own threads, never on the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from service.cpu_quota import cpu_limit
 from service.errors import ProviderError
 from service.model_dir import WEIGHTS_GRAPH, Graph, ModelDirectory
 
@@ -35,11 +37,14 @@ class EngineOutput:
 
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (the container's cpuset, not the host's count)."""
+    """CPU cores this process may run on: the cpuset, capped by the cgroup CPU quota (a pod's CPU limit)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = cpu_limit()
+    # Rounded down, as Go's automaxprocs does: a thread past the quota is throttled, a fraction left over is not.
+    return cores if limit is None else max(1, min(cores, math.floor(limit)))
 
 
 def choose_provider(requested: str, probe: Graph) -> tuple[str, str]:
