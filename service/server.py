@@ -55,7 +55,13 @@ def _reflection_v1(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
 
 
 def _channel_options(settings: Settings) -> list[tuple[str, int]]:
+    age = (
+        [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1e3)),
+         ("grpc.max_connection_age_grace_ms", int(settings.drain_grace_s * 1e3))]
+        if settings.max_connection_age_s > 0 else []
+    )  # fmt: skip
     return [
+        *age,
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1e3)),

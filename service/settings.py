@@ -121,6 +121,12 @@ class Settings(BaseSettings):
 
     keepalive_time_s: float = Field(30.0, gt=0, description="server keepalive ping interval")
     keepalive_timeout_s: float = Field(10.0, gt=0, description="close a connection whose ping goes unanswered")
+    max_connection_age_s: float = Field(
+        0.0,
+        ge=0,
+        description="close a client connection after this long (GOAWAY; calls in flight finish): clients reconnect "
+        "and reach replicas added since; 0 = never",
+    )
     drain_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight calls get to finish")
 
     tls_cert: Path | None = Field(None, description="PEM server certificate; with tls_key turns TLS on")
