@@ -160,7 +160,8 @@ def test_run_times_estimate_per_sequence_by_bucket() -> None:
 @given(mix=_mixes())
 def test_the_batcher_batches_by_bucket_and_answers_each_as_alone(engine: Engine, mix: list[AttentionRequest]) -> None:
     """Submitted together with a queue delay, requests of one bucket share one run; every answer is its own."""
-    policy = BatchPolicy(max_queue_delay_s=0.2, max_padding=1.0)
+    # Room for every row of a mix (at most 5 requests × 2 rows): a bucket's requests fit one run.
+    policy = BatchPolicy(max_batch_size=16, max_queue_delay_s=0.2, max_padding=1.0)
     batcher = Batcher(engine, policy, workers=1)
 
     async def together() -> list:
