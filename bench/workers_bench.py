@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from bench.serve_bench import start_in_parallel
 from service.engine import usable_cores
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
 from tests.load.workload import Target, build_target, kserve_target
-from tests.server_process import ServerProcess, start_server
+from tests.server_process import ServerProcess, free_port, start_server
 
 WORKERS = (1, 2)
 
@@ -53,15 +52,9 @@ class Workers:
             p.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_workers(model_dir: Path, count: int) -> Workers:
     threads = str(max(1, usable_cores() // count))
-    port = str(_free_port())
+    port = str(free_port())
     flags = ("--grpc-port", port, "--reuse-port", "true", "--intra-op-threads", threads, "--engine-workers", threads)
     started = start_in_parallel(
         [str(i) for i in range(count)], lambda _: start_server(model_dir, *flags), ServerProcess.stop

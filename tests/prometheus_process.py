@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.server_process import stop_process
+from tests.server_process import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -58,12 +57,6 @@ def derive_config(targets: list[str], scrape_interval: str = "1s", rules: Path |
         if count != 1:
             raise ValueError(f"{PROMETHEUS_YML}: {pattern!r} matched {count} times, not once; update derive_config")
     return text
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrometheusError(RuntimeError):
@@ -162,7 +155,7 @@ def start_prometheus(
     config = workdir / "prometheus.yml"
     config.write_text(derive_config(targets, scrape_interval, rules))
     log_path = workdir / "prometheus.log"
-    port = _free_port()  # another process may take it before prometheus binds: then the start fails loudly
+    port = free_port()  # another process may take it before prometheus binds: then the start fails loudly
     with log_path.open("ab") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
             [

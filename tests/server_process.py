@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    """A loopback port free at this moment (for a server that must be told its port before it starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
 
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+) \((\w+)\), metrics (?::(\d+)|off)")
 ACCESS_LINES_KEPT = 100_000

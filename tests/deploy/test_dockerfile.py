@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -272,12 +272,6 @@ def probe(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Com
         timeout=60,
     )
     return result, time.monotonic() - started
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_probe_passes_on_a_serving_server(server: ServerProcess) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from service._pb.inference import grpc_service_pb2 as kserve
 from service._pb.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.api.v1_codec import tensor_from_pb, tensor_to_pb
 from service.healthcheck import health_status
-from tests.server_process import ServerProcess, server_command, start_server
+from tests.server_process import ServerProcess, free_port, server_command, start_server
 
 SERVICES = ("", "inference.GRPCInferenceService", "attnserve.v1.AttentionService")
 
@@ -75,14 +74,8 @@ def test_metrics_endpoint_serves_build_and_model_info(server: ServerProcess) -> 
     assert "process_resident_memory_bytes" in body
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_not_serving_until_warm_up_ends(served_model: Path) -> None:
-    port = _free_port()
+    port = free_port()
     command = server_command(served_model)
     command[command.index("--grpc-port") + 1] = str(port)
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)

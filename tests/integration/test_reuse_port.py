@@ -3,7 +3,6 @@ without it a taken port is an error at start, never a silent share."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import grpc
@@ -12,19 +11,13 @@ import pytest
 
 from service._pb.attnserve.v1.attention_pb2_grpc import AttentionServiceStub
 from service.client import attend_request
-from tests.server_process import ServerProcess, start_server
+from tests.server_process import ServerProcess, free_port, start_server
 
 CONNECTIONS = 32  # each lands on one process; all 32 on the same one: 2^-31
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_share_a_port_only_when_asked(served_model: Path) -> None:
-    port = str(_free_port())
+    port = str(free_port())
     flags = ("--grpc-port", port, "--warmup", "false", "--engine-workers", "1", "--intra-op-threads", "1")
     first = start_server(served_model, *flags, "--reuse-port", "true")
     second: ServerProcess | None = None
