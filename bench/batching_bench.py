@@ -34,15 +34,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import onnxruntime as ort
 
-from bench.metrics_bench import ServerError, code_version, rotated_rounds
+from bench.metrics_bench import Loaded, ServerError, code_version, rotated_rounds
 from bench.serve_bench import CpuMeter, start_bench_server, start_in_parallel, stop_process
 from service.engine import usable_cores
 from service.seq_buckets import bucket_labels
@@ -183,8 +184,14 @@ class Series:
         return LoadResult.merge(self.blocks[name])
 
 
+class Reachable(Loaded, Protocol):
+    """A server under load at one address (an Endpoint, or bench-workers' processes sharing a port)."""
+
+    address: str
+
+
 def measure(
-    endpoints: dict[str, Endpoint], targets: dict[str, Target], config: LoadConfig, rounds: int, label: str
+    endpoints: Mapping[str, Reachable], targets: dict[str, Target], config: LoadConfig, rounds: int, label: str
 ) -> Series:
     """A warm-up round, then `rounds` rounds of every server in targets, in rotated order; raises ServerError on
     any error or a server gone (nothing here should fail)."""
@@ -421,7 +428,7 @@ def checks(mixed: Mixed, small: Series, over: Overload) -> list[Check]:
     return out
 
 
-def _ratio_cells(ratios: Sequence[float], reference: bool) -> tuple[str, str]:
+def ratio_cells(ratios: Sequence[float], reference: bool) -> tuple[str, str]:
     """The median and min–max table cells of a server's per-round ratios."""
     if reference:
         return "1 (reference)", "–"
@@ -442,7 +449,7 @@ def mixed_table(mixed: Mixed, endpoints: dict[str, Endpoint]) -> list[str]:
     ratios = mixed.series.ratios(BATCHING, OFF)
     for name in (BATCHING, OFF):
         r = mixed.series.merged(name)
-        ratio, spread = _ratio_cells(ratios, reference=name == OFF)
+        ratio, spread = ratio_cells(ratios, reference=name == OFF)
         lines.append(
             f"| {name} | {_settings(name, endpoints)} | {r.throughput_rps:.1f} | {r.tokens_per_s:,.0f} | "
             f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {ratio} | {spread} | {r.count} |"
@@ -457,7 +464,7 @@ def small_table(small: Series) -> list[str]:
     ]
     for name in (BATCHING, OFF, ECHO):
         r = small.merged(name)
-        ratio, spread = _ratio_cells(small.ratios(name, ECHO), reference=name == ECHO)
+        ratio, spread = ratio_cells(small.ratios(name, ECHO), reference=name == ECHO)
         lines.append(
             f"| {name} | {r.throughput_rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {ratio} | {spread} | {r.count} |"
         )

@@ -16,17 +16,26 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.batching_bench import MIX, MIX_CONCURRENCY, MIX_POOL, MIX_SEED, SMALL, SMALL_CONCURRENCY, Series
-from bench.metrics_bench import ServerError, code_version, rotated_rounds
+from bench.batching_bench import (
+    MIX,
+    MIX_CONCURRENCY,
+    MIX_POOL,
+    MIX_SEED,
+    SMALL,
+    SMALL_CONCURRENCY,
+    Series,
+    ratio_cells,
+)
+from bench.batching_bench import measure as measure_rounds
+from bench.metrics_bench import ServerError, code_version
 from bench.serve_bench import start_in_parallel
 from service.engine import usable_cores
-from tests.load.loadgen import LoadConfig, LoadResult, run_load
+from tests.load.loadgen import LoadConfig
 from tests.load.workload import Target, build_target, kserve_target
 from tests.server_process import ServerProcess, free_port, start_server
 
@@ -63,18 +72,11 @@ def start_workers(model_dir: Path, count: int) -> Workers:
 
 
 def measure(servers: dict[str, Workers], target: Target, callers: int, rounds: int, round_s: float) -> Series:
+    """bench-batching's rounds, one channel (connection) per caller: the kernel spreads connections."""
     config = LoadConfig(
         concurrency=callers, channels=callers, warmup_s=max(round_s, 1.0), max_requests=10**9, duration_s=round_s
     )
-    series = Series({name: [] for name in servers})
-
-    def block(name: str) -> LoadResult:
-        return run_load(servers[name].address, target, config)
-
-    for _, results in rotated_rounds(servers, rounds, target.name, block):
-        for name, result in results.items():
-            series.blocks[name].append(result)
-    return series
+    return measure_rounds(servers, dict.fromkeys(servers, target), config, rounds, target.name)
 
 
 def table(series: Series) -> list[str]:
@@ -84,9 +86,7 @@ def table(series: Series) -> list[str]:
     ]
     for name in series.blocks:
         r = series.merged(name)
-        ratios = series.ratios(name, "1")
-        ratio = "1 (reference)" if name == "1" else f"{statistics.median(ratios):.2f}"
-        spread = "–" if name == "1" else f"{min(ratios):.2f}–{max(ratios):.2f}"
+        ratio, spread = ratio_cells(series.ratios(name, "1"), reference=name == "1")
         lines.append(
             f"| {name} | {r.throughput_rps:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {ratio} | {spread} | {r.count} |"
         )
