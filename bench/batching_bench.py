@@ -94,6 +94,7 @@ class Endpoint:
     process: subprocess.Popen
     service: ServerProcess | None = None
     flags: tuple[str, ...] = ()  # the service's flags, as started
+    added: tuple[str, ...] = ()  # of those, the ones --batching-flags added
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -122,7 +123,7 @@ def start_endpoint(
     # stdout (the access log: refused requests in section 3) to a file, not to a reader thread in this process
     # that would take the load client's GIL.
     service = start_server(model_dir, *flags, stdout=log_dir / f"{name}.access.jsonl")
-    return Endpoint(name, service.address, service.process, service, flags)
+    return Endpoint(name, service.address, service.process, service, flags, extra)
 
 
 def start_endpoints(
@@ -436,9 +437,9 @@ def ratio_cells(ratios: Sequence[float], reference: bool) -> tuple[str, str]:
 
 
 def _settings(name: str, endpoints: dict[str, Endpoint]) -> str:
-    """What a server is, with the flags the bench added beyond its kind's."""
-    added = endpoints[name].flags[2 + len(SERVICES[name][0]) :] if name in SERVICES else ()
-    return f"{DESCRIPTIONS[name]}, {' '.join(added) or 'default flags'}" if name == BATCHING else DESCRIPTIONS[name]
+    """What a server is; the batching server's with the flags the bench added."""
+    added = " ".join(endpoints[name].added) or "default flags"
+    return f"{DESCRIPTIONS[name]}, {added}" if name == BATCHING else DESCRIPTIONS[name]
 
 
 def mixed_table(mixed: Mixed, endpoints: dict[str, Endpoint]) -> list[str]:
