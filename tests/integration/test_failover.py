@@ -29,7 +29,6 @@ CALLERS = 6
 PHASE_S = 3.0  # all three up | after the SIGKILL | after the SIGTERM
 SEQ = 16
 MIN_SUCCESS = 0.999
-OK_REQUESTS = ("attnserve_requests_total", {"code": "OK"})
 
 
 @pytest.fixture
@@ -45,8 +44,7 @@ def replicas(served_model: Path) -> Iterator[list[ServerProcess]]:
 
 
 def _served(server: ServerProcess) -> float:
-    name, labels = OK_REQUESTS
-    return server.metric(name, **labels)
+    return server.metric("attnserve_requests_total", code="OK")
 
 
 @dataclass
