@@ -97,13 +97,27 @@ def test_inference_service_scales_and_exposes_metrics(isvc_file: str, isvc: Obj)
     assert predictor["enableServiceLinks"] is False
 
 
+def test_inference_service_bounds_calls_per_pod_and_mounts_no_token(isvc: Obj) -> None:
+    predictor = isvc["spec"]["predictor"]
+    settings = settings_from(attnserve_env(predictor_container(isvc)))
+    limit = predictor["containerConcurrency"]
+    assert isinstance(limit, int), f"containerConcurrency {limit!r}"
+    # Knative's hard limit per pod is the service's queue bound: past it the server sheds anyway.
+    assert limit == settings.max_queue_requests, f"containerConcurrency {limit} vs {settings.max_queue_requests}"
+    # Over the soft target, or Knative lowers the target to it; within what gRPC itself admits.
+    assert predictor["scaleTarget"] < limit <= settings.max_concurrent_rpcs
+    assert predictor["automountServiceAccountToken"] is False, "the server never calls the Kubernetes API"
+
+
 def test_inference_service_container_is_a_valid_locked_down_kubernetes_container(isvc_file: str, isvc: Obj) -> None:
     container = predictor_container(isvc)
+    predictor = isvc["spec"]["predictor"]
+    pod_fields = ("enableServiceLinks", "automountServiceAccountToken")
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": isvc["metadata"]["name"]},
-        "spec": {"containers": [container], "enableServiceLinks": isvc["spec"]["predictor"]["enableServiceLinks"]},
+        "spec": {"containers": [container], **{field: predictor[field] for field in pod_fields}},
     }
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(pod, version, strict=True)
