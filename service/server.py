@@ -26,7 +26,7 @@ from service.limits import Limits
 from service.metrics import Metrics, NullMetrics
 from service.model_dir import load_model_directory
 from service.observe import AccessLog, Observer
-from service.settings import Settings
+from service.settings import Secrets, Settings, read_secrets
 from service.thread_priority import call_on_lowered_thread
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,13 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    if settings.tls_cert is None or settings.tls_key is None:
+def _credentials(secrets: Secrets) -> grpc.ServerCredentials | None:
+    if secrets.tls_cert is None or secrets.tls_key is None:
         return None
-    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     return grpc.ssl_server_credentials(
-        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+        [(secrets.tls_key, secrets.tls_cert)],
+        root_certificates=secrets.tls_client_ca,
+        require_client_auth=secrets.tls_client_ca is not None,
     )
 
 
@@ -106,8 +105,10 @@ def batch_policy(settings: Settings, engine: Engine) -> BatchPolicy:
 class AttnServer:
     """The whole service; `start`, then `drain` (on SIGTERM) or `stop`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, secrets: Secrets | None = None) -> None:
+        """secrets: the token and TLS files as checked at start (read_secrets); None reads them now."""
         self.settings = settings
+        self.secrets = secrets if secrets is not None else read_secrets(settings)
         model = load_model_directory(settings.model_dir)
         self.engine = call_on_lowered_thread(  # onnxruntime's intra-op threads inherit the lowered priority
             lambda: Engine(
@@ -149,8 +150,8 @@ class AttnServer:
         self._flusher: asyncio.Task[None] | None = None
         observer = Observer(self.metrics, self.access_log)
         self.health = health_aio.HealthServicer()
-        token = settings.bearer_token()
-        interceptors = [BearerTokenInterceptor(token)] if token else []
+        token = self.secrets.token  # never empty: read_secrets refuses a configured but empty token
+        interceptors = [BearerTokenInterceptor(token)] if token is not None else []
         self.server = grpc.aio.server(
             options=_channel_options(settings),
             interceptors=interceptors,
@@ -185,14 +186,15 @@ class AttnServer:
         for name in HEALTH_NAMES:
             await self.health.set(name, NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
-        credentials = _credentials(self.settings)
+        credentials = _credentials(self.secrets)
         try:
             if credentials is None:
                 self.grpc_port = self.server.add_insecure_port(address)
             else:
                 self.grpc_port = self.server.add_secure_port(address, credentials)
-        except RuntimeError as e:  # grpcio's way of saying the port is taken
-            raise ListenError(f"gRPC cannot listen on {address}: {e}") from None
+        except RuntimeError as e:  # grpcio's way of saying the port is taken, or that the TLS files are not
+            hint = "; with TLS, also check that tls_cert and tls_key are a matching PEM certificate and key"
+            raise ListenError(f"gRPC cannot listen on {address}: {e}{hint if credentials else ''}") from None
         if self.health_server is not None:
             health_address = f"{self.settings.host}:{self.settings.health_port}"
             try:
