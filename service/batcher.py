@@ -28,7 +28,7 @@ import onnxruntime as ort
 from service.batching import Batch, BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
 from service.engine import Engine, EngineOutput
 from service.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
-from service.limits import check_finite
+from service.limits import check_finite, check_output
 from service.metrics import Metrics, NullMetrics
 from service.stats import ModelStats
 from service.thread_priority import lower_this_thread
@@ -222,12 +222,13 @@ class Batcher:
     # On an engine thread.
 
     def _compute(self, run: Run) -> EngineOutput | None:
-        """Check each member's values, pad the valid ones into one batch, run it."""
-        valid = []
+        """Check each member's values, pad the valid ones into one batch, run it, check each member's answer."""
+        valid, indices = [], []  # the members that run, and their indices in run.members
         for index, waiting in enumerate(run.members):
             try:
                 check_finite(waiting.request.hidden_states)
                 valid.append(waiting)
+                indices.append(index)
             except ServiceError as error:  # one bad request fails alone, not its batch
                 run.failed[index] = error
         if not valid:
@@ -235,6 +236,15 @@ class Batcher:
         batch = run.batch = assemble(valid)
         want_probs = valid[0].request.weights is not None
         if run.narrow:
-            return self.engine.run(batch.hidden_states, batch.mask, want_probs, narrow=True, options=run.options)
-        with self._wide:
-            return self.engine.run(batch.hidden_states, batch.mask, want_probs, options=run.options)
+            output = self.engine.run(batch.hidden_states, batch.mask, want_probs, narrow=True, options=run.options)
+        else:
+            with self._wide:
+                output = self.engine.run(batch.hidden_states, batch.mask, want_probs, options=run.options)
+        # Finite input can still overflow (float32 inside attention, or FP16 on the way back): such a member fails
+        # alone, here on the engine thread; _finish answers the failed first, and _answer skips them.
+        for index, waiting, part in zip(indices, valid, batch.split(output.output), strict=True):
+            try:
+                check_output(waiting.request, part)
+            except ServiceError as error:
+                run.failed[index] = error
+        return output
