@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.errors import SettingsError
 from service.seq_buckets import DEFAULT_SEQ_BUCKETS, parse_bounds
 
 # Large enough for batch 8 × seq 2048 × d_model 512 in FP32 (32 MiB) with room for the envelope.
@@ -198,11 +200,54 @@ class Settings(BaseSettings):
     def seq_bucket_bounds(self) -> tuple[int, ...]:
         return parse_bounds(self.seq_buckets)
 
-    def bearer_token(self) -> str | None:
-        """The token clients must send, read from auth_token_file when set."""
-        if self.auth_token_file is not None:
-            return self.auth_token_file.read_text().strip()
-        return self.auth_token
+
+@dataclass(frozen=True)
+class Secrets:
+    """The bearer token and TLS files, read once at start; the server uses these bytes, never the paths again."""
+
+    token: str | None = None  # None: no auth
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None
+
+
+def _read(setting: str, path: Path, holds: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # missing, a directory, no permission: one line naming the file, not a traceback
+        raise SettingsError(
+            f"{setting} {path}: cannot read it ({e.strerror}); it must be a readable file holding {holds}"
+        ) from None
+    if not data.strip():
+        raise SettingsError(f"{setting} {path}: the file is empty or only whitespace; it must hold {holds}")
+    return data
+
+
+def read_secrets(settings: Settings) -> Secrets:
+    """Read and check every file a security setting names, once. Fails closed: a token that is configured but
+    empty (or only whitespace) would otherwise turn auth off without a word, so it raises SettingsError."""
+    token = settings.auth_token
+    where = "auth_token (--auth-token or ATTNSERVE_AUTH_TOKEN)"
+    if settings.auth_token_file is not None:
+        raw = _read("auth_token_file", settings.auth_token_file, "the bearer token")
+        where = f"auth_token_file {settings.auth_token_file}"
+        try:
+            token = raw.decode().strip()  # editors and `echo` add a newline; no client sends it
+        except UnicodeDecodeError:
+            raise SettingsError(f"{where}: not UTF-8 text; it must hold the bearer token") from None
+    if token is not None and not token.strip():
+        raise SettingsError(
+            f"{where} is set but empty or only whitespace; give the bearer token, or leave it unset to serve "
+            "without auth"
+        )
+    return Secrets(
+        token=token,
+        tls_cert=_read("tls_cert", settings.tls_cert, "a PEM certificate") if settings.tls_cert else None,
+        tls_key=_read("tls_key", settings.tls_key, "a PEM private key") if settings.tls_key else None,
+        tls_client_ca=(
+            _read("tls_client_ca", settings.tls_client_ca, "a PEM CA bundle") if settings.tls_client_ca else None
+        ),
+    )
 
 
 def _flag(name: str) -> str:
