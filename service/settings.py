@@ -241,7 +241,7 @@ def read_secrets(settings: Settings) -> Secrets:
             "without auth"
         )
     return Secrets(
-        token=token,
+        token=None if token is None else token.strip(),  # a Secret's env var often ends in a newline
         tls_cert=_read("tls_cert", settings.tls_cert, "a PEM certificate") if settings.tls_cert else None,
         tls_key=_read("tls_key", settings.tls_key, "a PEM private key") if settings.tls_key else None,
         tls_client_ca=(
