@@ -15,8 +15,11 @@ collection) or a flood of connects here must not queue behind them or in front o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import gzip
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +33,9 @@ HEADER_TIMEOUT_S = 5.0  # a scraper sends its request at once; longer only lets 
 MAX_HEADER_BYTES = 8192  # Prometheus sends ~300 bytes of request line and headers
 MAX_CONNECTIONS = 256  # fds and buffers held at once; scrapers need a handful
 WRITE_TIMEOUT_S = 10.0  # the answer (~100 KB) to a reader that stalls is dropped after this
+BACKLOG = 1024  # kernel queue of connections not yet accepted: a burst of them fills it, then SYNs are dropped
+ACCEPT_RETRY_S = 0.1  # out of fds: accept again after this
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 PATH = "/metrics"
 
 
@@ -54,25 +60,26 @@ class MetricsHTTPServer:
         self._waiting: dict[_Connection, None] = {}  # no complete request yet, oldest first
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
 
     @property
     def open_connections(self) -> int:
         return len(self._open)
 
     def serve(self, host: str, port: int) -> int:
-        """Listen on host:port in a new thread; the bound port (port 0 picks a free one). OSError if it can't."""
+        """Listen on host:port and serve from a new thread; the bound port (port 0 picks a free one).
+
+        Raises OSError when it can't listen there, before any thread starts."""
+        family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        listener = self._listener = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        listener.setblocking(False)
         loop = self._loop = asyncio.new_event_loop()
         loop.set_exception_handler(_log_quietly)
+        self._accepting = loop.create_task(self._accept(listener))
         self._thread = threading.Thread(target=loop.run_forever, name="metrics-http", daemon=True)
         self._thread.start()
-        listen = loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
-        try:
-            self._server = asyncio.run_coroutine_threadsafe(listen, loop).result()
-        except BaseException:
-            self._stop_loop()
-            raise
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(listener.getsockname()[1])
 
     def close(self) -> None:
         """Stop listening, drop every connection, end the thread."""
@@ -81,9 +88,29 @@ class MetricsHTTPServer:
         asyncio.run_coroutine_threadsafe(self._shut(), self._loop).result(timeout=5)
         self._stop_loop()
 
+    async def _accept(self, listener: socket.socket) -> None:
+        """One connection at a time: each is admitted (and may evict) only once the one before it is set up, so
+        a scraper's request, read on the loop's next turn, is not outrun by a burst of accepts evicting it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as e:  # out of fds or memory: wait for connections to close rather than spin
+                log.debug("metrics http: accept: %s", e)
+                await asyncio.sleep(ACCEPT_RETRY_S if e.errno in OUT_OF_RESOURCES else 0)
+                continue
+            try:
+                await loop.connect_accepted_socket(lambda: _Connection(self), sock)
+            except OSError:
+                sock.close()
+
     async def _shut(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+        if self._listener is not None:
+            self._listener.close()
         for connection in list(self._open):
             connection.transport.abort()
         await asyncio.sleep(0)  # lets the aborts' connection_lost run, which closes the sockets

@@ -155,6 +155,30 @@ def test_a_flood_of_half_open_connections_neither_stops_scrapes_nor_adds_threads
         server.close()
 
 
+def test_a_burst_of_connections_behind_a_scrape_does_not_evict_it() -> None:
+    cap, burst = 64, 300
+    server = MetricsHTTPServer(Metrics().registry, max_connections=cap)
+    port = server.serve("127.0.0.1", 0)
+    frozen, thaw = threading.Event(), threading.Event()
+    # White-box: hold the server's loop so the scrape and the burst wait together in the kernel's accept queue;
+    # accepted all at once, the burst would be admitted before the scrape's request is read, and evict it.
+    server._loop.call_soon_threadsafe(lambda: (frozen.set(), thaw.wait(10)))  # type: ignore[union-attr]
+    assert frozen.wait(5)
+    held: list[socket.socket] = []
+    try:
+        scrape = socket.create_connection(("127.0.0.1", port), timeout=5)
+        held.append(scrape)
+        scrape.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        held += [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(burst)]
+        thaw.set()
+        assert scrape.recv(16).startswith(b"HTTP/1.1 200")
+    finally:
+        thaw.set()
+        for s in held:
+            s.close()
+        server.close()
+
+
 class _Big(Collector):
     """A 20 MB exposition, far more than the socket buffers hold: a client that never reads leaves most unsent."""
 
