@@ -239,13 +239,12 @@ class AttnServer:
             except RuntimeError as e:
                 raise ListenError(f"health cannot listen on {health_address}: {e}") from None
             await self.health_server.start()
+        metrics_host = self.settings.metrics_host or self.settings.host
         try:
             if self.metrics.enabled:
-                self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+                self.metrics_port = self.metrics.serve(metrics_host, self.settings.metrics_port)
         except OSError as e:
-            raise ListenError(
-                f"metrics cannot listen on {self.settings.host}:{self.settings.metrics_port}: {e}"
-            ) from None
+            raise ListenError(f"metrics cannot listen on {metrics_host}:{self.settings.metrics_port}: {e}") from None
         await self.server.start()
         if self.access_log is not None:
             self._flusher = asyncio.create_task(self.access_log.flush_periodically())

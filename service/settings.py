@@ -24,7 +24,7 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(Path("models/attention"), description="model directory written by `python -m model.export`")
     model_name: str = Field("attention", description="model name on the KServe v2 API")
-    host: str = Field("0.0.0.0", description="address the gRPC and metrics servers bind")
+    host: str = Field("0.0.0.0", description="address the gRPC server binds, and the metrics one unless metrics_host")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     reuse_port: bool = Field(
         False,
@@ -39,6 +39,11 @@ class Settings(BaseSettings):
         "no TLS); unset = off",
     )
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)")
+    metrics_host: str = Field(
+        "",
+        description="address the /metrics server binds; empty = host. /metrics is unauthenticated (no TLS, no "
+        "token): bind it to a private address or let only Prometheus reach it (NetworkPolicy)",
+    )
 
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime execution provider; auto takes CUDA when a session on it initialises"
