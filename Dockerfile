@@ -96,7 +96,7 @@ STOPSIGNAL SIGTERM
 # Plaintext probe of grpc.health.v1 (NOT_SERVING while warming up and draining). It probes the port that
 # ATTNSERVE_HEALTH_PORT (set it when TLS is on) or ATTNSERVE_GRPC_PORT give, not ports given as flags.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-m", "service.healthcheck", "--timeout-s", "3"]
+    CMD ["python", "-m", "service.app.healthcheck", "--timeout-s", "3"]
 ENTRYPOINT ["python", "-m", "service", "--model-dir", "/models/attention", "--host", "0.0.0.0"]
 
 FROM ${PYTHON_IMAGE} AS cpu
@@ -124,5 +124,5 @@ STOPSIGNAL SIGTERM
 # Plaintext probe of grpc.health.v1 (NOT_SERVING while warming up and draining). It probes the port that
 # ATTNSERVE_HEALTH_PORT (set it when TLS is on) or ATTNSERVE_GRPC_PORT give, not ports given as flags.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-m", "service.healthcheck", "--timeout-s", "3"]
+    CMD ["python", "-m", "service.app.healthcheck", "--timeout-s", "3"]
 ENTRYPOINT ["python", "-m", "service", "--model-dir", "/models/attention", "--host", "0.0.0.0"]

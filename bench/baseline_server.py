@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from service._pb.inference import grpc_service_pb2 as pb
 from service._pb.inference import grpc_service_pb2_grpc as pb_grpc
-from service.model_dir import load_model_directory
+from service.engine.model_dir import load_model_directory
 
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 

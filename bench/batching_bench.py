@@ -45,9 +45,9 @@ import onnxruntime as ort
 
 from bench.metrics_bench import Loaded, ServerError, code_version, rotated_rounds
 from bench.serve_bench import CpuMeter, start_bench_server, start_in_parallel, stop_process
-from service.engine import usable_cores
-from service.seq_buckets import bucket_labels
-from service.settings import parse_settings
+from service.app.settings import parse_settings
+from service.core.seq_buckets import bucket_labels
+from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
 from tests.load.workload import LengthMix, Shape, Target, build_target, kserve_target
 from tests.server_process import ServerProcess, start_server

@@ -35,7 +35,7 @@ import grpc
 import onnxruntime as ort
 
 from bench.serve_bench import CpuMeter, _proc_cpu_s, start_in_parallel
-from service.engine import usable_cores
+from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
 from tests.load.workload import Shape, Target, kserve_target, v1_target
 from tests.server_process import ServerProcess, start_server

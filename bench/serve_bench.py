@@ -37,8 +37,9 @@ import numpy as np
 import onnxruntime as ort
 
 from service._pb.attnserve.v1 import attention_pb2 as v1_pb
-from service.engine import INPUT, OUTPUT, Engine, usable_cores
-from service.model_dir import ModelDirectory, load_model_directory
+from service.engine.model_dir import ModelDirectory, load_model_directory
+from service.engine.sessions import INPUT, OUTPUT, Engine
+from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import CHANNEL_OPTIONS, LoadConfig, LoadResult, run_load, summarize
 from tests.load.workload import Shape, Target, kserve_target, v1_target
 from tests.server_process import start_server
@@ -461,10 +462,10 @@ def target_checks(cells: dict[tuple[Shape, int], Cell], breakdowns: list[Breakdo
             Check(
                 f"c=1 {BIG_SHAPE} {api}: answers (no message-size error), overhead ≤ 10% of in-process",
                 f"{service.p50_ms:.0f} − {inproc.p50_ms:.0f} = {overhead:.0f} ms; n={service.count}, "
-                f"errors {service.errors or 'none'}",
+                f"errors {service.core.errors or 'none'}",
                 ratio,
                 0.10,
-                ratio <= 0.10 and not service.errors and service.count > 0,
+                ratio <= 0.10 and not service.core.errors and service.count > 0,
             )
         )
     for b in breakdowns:

@@ -34,7 +34,7 @@ from bench.batching_bench import (
 from bench.batching_bench import measure as measure_rounds
 from bench.metrics_bench import ServerError, code_version
 from bench.serve_bench import start_in_parallel
-from service.engine import usable_cores
+from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import LoadConfig
 from tests.load.workload import Target, build_target, kserve_target
 from tests.server_process import ServerProcess, free_port, start_server

@@ -7,7 +7,7 @@ Rows of panels of PromQL targets are plain data below; `render()` turns them int
 `--check` writes nothing and exits 1 when the committed file differs (tests/unit/test_dashboard.py runs the
 same comparison). Edit this file, never the JSON.
 
-Every query reads the service's raw metrics (service/metrics.py), not the recording rules of
+Every query reads the service's raw metrics (service/observe/metrics.py), not the recording rules of
 deploy/prometheus/rules.yml, so the dashboard works against any Prometheus that scrapes the service.
 Every selector filters on `$instance`; rate windows are `$__rate_interval` (at least four scrapes).
 Stdlib only: it runs before the venv exists.

@@ -9,13 +9,13 @@ import sys
 
 from pydantic import ValidationError
 
-from service.errors import ListenError, ModelDirectoryError, ProviderError, SettingsError
-from service.memory import keep_freed_memory
-from service.settings import Secrets, Settings, parse_settings, read_secrets
+from service.app.settings import Secrets, Settings, parse_settings, read_secrets
+from service.core.errors import ListenError, ModelDirectoryError, ProviderError, SettingsError
+from service.host.malloc import keep_freed_memory
 
 
 async def serve(settings: Settings, secrets: Secrets) -> int:
-    from service.server import AttnServer  # after logging is configured
+    from service.app.server import AttnServer  # after logging is configured
 
     if settings.keep_freed_memory:
         keep_freed_memory()

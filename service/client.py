@@ -26,7 +26,8 @@ import numpy as np
 
 from service._pb.attnserve.v1 import attention_pb2 as pb
 from service._pb.attnserve.v1 import attention_pb2_grpc as pb_grpc
-from service.api.v1_codec import HIDDEN_DTYPES, tensor_from_pb, tensor_to_pb
+from service.api.v1_codec import HIDDEN_CODES as HIDDEN_DTYPES
+from service.api.v1_codec import tensor_from_pb, tensor_to_pb
 from service.channel_policy import balanced_options
 
 DEFAULT_TARGET = "127.0.0.1:8001"

@@ -23,8 +23,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from service.api.status import status_of
-from service.errors import DeadlineExceeded, InvalidInput, ResourceExhausted, ServiceError, Unauthenticated
-from service.observe import Observer
+from service.core.errors import DeadlineExceeded, InvalidInput, ResourceExhausted, ServiceError, Unauthenticated
+from service.observe.requests import Observer
 
 # No token and no slot: the probes of kubelet and load balancers.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})

@@ -14,11 +14,9 @@ from service.api.deadlines import deadline_of
 from service.api.gate import Undecodable
 from service.api.status import grpc_errors, status_of
 from service.api.streams import answer_each
-from service.dataplane import DataPlane
-from service.engine import Engine
-from service.limits import fits_name
-from service.observe import Observer
-from service.settings import Settings
+from service.core.dataplane import DataPlane
+from service.core.limits import fits_name
+from service.observe.requests import Observer
 
 SERVER_NAME = "attnserve"
 # Triton's names for the protocol extensions served here.
@@ -26,12 +24,11 @@ EXTENSIONS = ("model_configuration", "statistics", "streaming")
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, engine: Engine, settings: Settings, observer: Observer) -> None:
+    def __init__(self, dataplane: DataPlane, model_name: str, observer: Observer, max_stream_pending: int) -> None:
         self.dataplane = dataplane
         self.observer = observer
-        self.engine = engine
-        self.settings = settings
-        self.name = settings.model_name
+        self.name = model_name
+        self.max_stream_pending = max_stream_pending
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -60,23 +57,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         codec.check_model(request.name, request.version, self.name)
-        return codec.model_metadata(self.name, self.engine.model.d_model)
+        return codec.model_metadata(self.name, self.dataplane.description.d_model)
 
     @grpc_errors
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
         codec.check_model(request.name, request.version, self.name)
-        model = self.engine.model
-        return codec.model_config(
-            self.name,
-            model.d_model,
-            model.num_heads,
-            self.settings.max_batch_size,
-            gpu=self.engine.provider == "cuda",
-            instances=self.dataplane.batcher.workers,
-            policy=self.dataplane.batcher.policy,
-        )
+        return codec.model_config(self.name, self.dataplane.description)
 
     @grpc_errors
     async def ModelStatistics(
@@ -108,7 +96,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     failed.id = request.id if fits_name(request.id) else ""
                 return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
-        async for response in answer_each(request_iterator, answer, self.settings.max_stream_pending):
+        async for response in answer_each(request_iterator, answer, self.max_stream_pending):
             yield response
 
     async def _infer(

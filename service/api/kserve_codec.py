@@ -8,17 +8,24 @@ import numpy as np
 
 from service._pb.inference import grpc_service_pb2 as pb
 from service._pb.inference import model_config_pb2 as config_pb
-from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape, dtype_name
-from service.batching import BatchPolicy
-from service.engine import INPUT, MASK, OUTPUT, WEIGHTS_OUTPUT
-from service.errors import InvalidInput, NotFound, shown
-from service.limits import check_count, check_name
-from service.stats import Duration, ModelStats
-from service.types import AttentionRequest, AttentionResult, WeightsSpec
+from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape, compute_states, dtype_name
+from service.core.describe import MODEL_VERSION, ModelDescription
+from service.core.errors import InvalidInput, NotFound, shown
+from service.core.limits import check_count, check_name
+from service.core.types import (
+    HIDDEN_DTYPES,
+    INPUT,
+    MASK,
+    OUTPUT,
+    WEIGHTS_OUTPUT,
+    AttentionRequest,
+    AttentionResult,
+    WeightsSpec,
+)
+from service.observe.stats import Duration, ModelStats
 
-MODEL_VERSION = "1"
 PLATFORM = "onnxruntime_onnx"
-HIDDEN_DTYPES = ("FP32",)
+HIDDEN_NAMES = tuple(dtype_name(dtype) for dtype in HIDDEN_DTYPES)
 MASK_DTYPES = ("INT32", "INT64", "BOOL")
 OUTPUT_NAMES = (OUTPUT, WEIGHTS_OUTPUT)
 INPUT_NAMES = (INPUT, MASK)
@@ -29,6 +36,8 @@ TYPED_CONTENTS = {"FP32": "fp32_contents", "INT32": "int_contents", "INT64": "in
 
 def check_model(name: str, version: str, served: str) -> None:
     """NotFound unless (name, version) is the served model; an empty version means the latest."""
+    check_name("model name", name)
+    check_name("model version", version)
     if name != served:
         raise NotFound(f"model {shown(name)} not found; this server serves {served!r}")
     if version not in ("", MODEL_VERSION):
@@ -53,6 +62,8 @@ def _input_array(
         if tensor.HasField("contents"):
             raise InvalidInput(f"{field}: data in both raw_input_contents and contents; send it in one of them")
         return array_from_bytes(f"{field} raw_input_contents", raw, dtype, shape)
+    if tensor.datatype not in TYPED_CONTENTS:  # FP16 has no field in InferTensorContents
+        raise InvalidInput(f"{field}: {tensor.datatype} data travels in raw_input_contents only; send it there")
     values = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
     count = int(np.prod(shape, dtype=np.int64))
     if len(values) != count:
@@ -84,7 +95,7 @@ def infer_request_from_pb(message: pb.ModelInferRequest, served: str) -> InferCa
             raise InvalidInput(f"input {shown(tensor.name)} given twice; each input at most once")
         raw = raws[index] if raws else None
         if tensor.name == INPUT:
-            arrays[INPUT] = _input_array(tensor, raw, HIDDEN_DTYPES, ("batch", "seq", "d_model"))
+            arrays[INPUT] = _input_array(tensor, raw, HIDDEN_NAMES, ("batch", "seq", "d_model"))
         elif tensor.name == MASK:
             arrays[MASK] = _input_array(tensor, raw, MASK_DTYPES, ("batch", "seq"))
         else:
@@ -101,8 +112,9 @@ def infer_request_from_pb(message: pb.ModelInferRequest, served: str) -> InferCa
     if len(set(outputs)) != len(outputs):
         raise InvalidInput(f"requested outputs {list(outputs)} name one twice; ask for each at most once")
     weights = WeightsSpec() if WEIGHTS_OUTPUT in outputs else None
+    x, output_dtype = compute_states(arrays[INPUT])
     request = AttentionRequest(
-        arrays[INPUT], arrays.get(MASK), weights, request_id=message.id, wire_bytes=message.ByteSize()
+        x, arrays.get(MASK), weights, output_dtype=output_dtype, request_id=message.id, wire_bytes=message.ByteSize()
     )
     return InferCall(request, outputs)
 
@@ -133,11 +145,9 @@ def model_metadata(served: str, d_model: int) -> pb.ModelMetadataResponse:
     )
 
 
-def model_config(
-    served: str, d_model: int, num_heads: int, max_batch_size: int, gpu: bool, instances: int, policy: BatchPolicy
-) -> pb.ModelConfigResponse:
+def model_config(served: str, model: ModelDescription) -> pb.ModelConfigResponse:
     """Triton's ModelConfig: dims exclude the batch dimension because max_batch_size > 0. `dynamic_batching`
-    is there when the server batches (policy.max_batch_size > 1); its queue policy gives the request bound.
+    is there when the server batches (more than one sequence per run); its queue policy gives the request bound.
     Our token, padding and wait bounds have no Triton field: `parameters` names them."""
     fp32 = config_pb.TYPE_FP32
     group = config_pb.ModelInstanceGroup
@@ -145,25 +155,29 @@ def model_config(
         name=served,
         platform=PLATFORM,
         backend="onnxruntime",
-        max_batch_size=max_batch_size,
+        max_batch_size=model.limits.max_batch_size,
         input=[
-            config_pb.ModelInput(name=INPUT, data_type=fp32, dims=[-1, d_model]),
+            config_pb.ModelInput(name=INPUT, data_type=fp32, dims=[-1, model.d_model]),
             config_pb.ModelInput(name=MASK, data_type=config_pb.TYPE_INT32, dims=[-1], optional=True),
         ],
         # Like the metadata, lists only `output` (perf_analyzer requires the two to agree); the weights output
         # is described in `parameters` and served to clients that name it.
-        output=[config_pb.ModelOutput(name=OUTPUT, data_type=fp32, dims=[-1, d_model])],
+        output=[config_pb.ModelOutput(name=OUTPUT, data_type=fp32, dims=[-1, model.d_model])],
         parameters={
             "optional_outputs": config_pb.ModelParameter(
-                string_value=f"{WEIGHTS_OUTPUT}: FP32 [batch, {num_heads}, seq, seq], returned when named in outputs"
+                string_value=f"{WEIGHTS_OUTPUT}: FP32 [batch, {model.num_heads}, seq, seq], returned when named in "
+                "outputs"
             )
         },
-        instance_group=[group(kind=group.KIND_GPU if gpu else group.KIND_CPU, count=instances)],
+        instance_group=[
+            group(kind=group.KIND_GPU if model.provider == "cuda" else group.KIND_CPU, count=model.instances)
+        ],
     )
-    if policy.max_batch_size > 1:
-        config.dynamic_batching.max_queue_delay_microseconds = round(policy.max_queue_delay_s * 1e6)
-        config.dynamic_batching.default_queue_policy.max_queue_size = policy.max_queue_requests
-        config.parameters["dynamic_batching"].string_value = policy.describe()
+    batching = model.batching
+    if batching.max_sequences > 1:
+        config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+        config.dynamic_batching.default_queue_policy.max_queue_size = batching.max_queue_requests
+        config.parameters["dynamic_batching"].string_value = batching.summary
     return pb.ModelConfigResponse(config=config)
 
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service import errors
+from service.core import errors
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,11 @@ def code_of(error: BaseException) -> grpc.StatusCode:
 
 
 MAX_MESSAGE_CHARS = 1000  # a status message stays under 1 KiB, whatever the client sent
+
+
+def code_name(error: BaseException) -> str:
+    """The name of the status code an exception ends its call with, as metrics and the access log label it."""
+    return code_of(error).name
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:

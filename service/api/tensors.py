@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.errors import InvalidInput
+from service.core.errors import InvalidInput
 
 # Wire element types (KServe v2 names) and their little-endian numpy dtypes.
 WIRE_DTYPES: dict[str, np.dtype] = {
@@ -50,3 +50,8 @@ def array_from_bytes(field: str, data: bytes, dtype: np.dtype, shape: tuple[int,
 
 def dtype_name(dtype: np.dtype) -> str:
     return next(name for name, wire in WIRE_DTYPES.items() if wire == dtype)
+
+
+def compute_states(x: np.ndarray) -> tuple[np.ndarray, np.dtype]:
+    """(the hidden states in FP32, which the graphs compute in; the dtype the answer goes back in)."""
+    return (x if x.dtype == np.float32 else x.astype(np.float32)), x.dtype

@@ -11,23 +11,18 @@ from service._pb.attnserve.v1 import attention_pb2_grpc as pb_grpc
 from service.api import v1_codec as codec
 from service.api.deadlines import deadline_of
 from service.api.gate import Undecodable
-from service.api.kserve_codec import MODEL_VERSION
 from service.api.status import grpc_errors, status_of
 from service.api.streams import answer_each
-from service.dataplane import DataPlane
-from service.engine import Engine
-from service.limits import fits_name
-from service.observe import Observer
+from service.core.dataplane import DataPlane
+from service.core.limits import fits_name
+from service.observe.requests import Observer
 
 
 class AttentionServicer(pb_grpc.AttentionServiceServicer):
-    def __init__(
-        self, dataplane: DataPlane, engine: Engine, model_name: str, observer: Observer, max_stream_pending: int
-    ) -> None:
+    def __init__(self, dataplane: DataPlane, model_name: str, observer: Observer, max_stream_pending: int) -> None:
         self.max_stream_pending = max_stream_pending
         self.dataplane = dataplane
         self.observer = observer
-        self.engine = engine
         self.model_name = model_name
 
     @grpc_errors
@@ -52,7 +47,7 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
 
     @grpc_errors
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return codec.model_info_to_pb(self.model_name, MODEL_VERSION, self.engine, self.dataplane.limits)
+        return codec.model_info_to_pb(self.model_name, self.dataplane.description)
 
     async def _attend(
         self, request: pb.AttendRequest | Undecodable, context: grpc.aio.ServicerContext, method: str

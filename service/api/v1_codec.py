@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from service import __version__
 from service._pb.attnserve.v1 import attention_pb2 as pb
-from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape
-from service.errors import InvalidInput
-from service.limits import Limits, check_count, check_name
-from service.types import AttentionRequest, AttentionResult, WeightsSpec
-
-if TYPE_CHECKING:  # the client imports this module and needs no onnxruntime
-    from service.engine import Engine
+from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape, compute_states
+from service.core.describe import MODEL_VERSION, ModelDescription
+from service.core.errors import InvalidInput
+from service.core.limits import check_count, check_name
+from service.core.types import HIDDEN_DTYPES, AttentionRequest, AttentionResult, WeightsSpec
 
 # attnserve.v1.DataType <-> numpy.
 DTYPES: dict[int, np.dtype] = {
@@ -22,7 +18,7 @@ DTYPES: dict[int, np.dtype] = {
     pb.FP16: WIRE_DTYPES["FP16"],
     pb.INT32: WIRE_DTYPES["INT32"],
 }
-HIDDEN_DTYPES = (pb.FP32, pb.FP16)
+HIDDEN_CODES = tuple(code for code, dtype in DTYPES.items() if dtype in HIDDEN_DTYPES)
 
 
 def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> pb.Tensor:
@@ -54,10 +50,8 @@ def attend_request_from_pb(message: pb.AttendRequest) -> AttentionRequest:
     check_name("id", message.id)
     if not message.HasField("hidden_states"):
         raise InvalidInput("hidden_states: missing; send a Tensor [batch, seq, d_model] of FP32 or FP16")
-    x = tensor_from_pb("hidden_states", message.hidden_states, ("batch", "seq", "d_model"), HIDDEN_DTYPES)
-    output_dtype = x.dtype
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)  # the graphs compute in FP32; the answer goes back in the input's dtype
+    x = tensor_from_pb("hidden_states", message.hidden_states, ("batch", "seq", "d_model"), HIDDEN_CODES)
+    x, output_dtype = compute_states(x)
     batch, seq, _ = x.shape
     mask = None
     if message.lengths:
@@ -100,26 +94,22 @@ def attend_response_to_pb(request: AttentionRequest, result: AttentionResult) ->
     return response
 
 
-def model_info_to_pb(name: str, version: str, engine: Engine, limits: Limits) -> pb.ModelInfo:
-    model = engine.model
-    routes = [
-        pb.Route(masked=masked, up_to=route.up_to, graph=route.graph, form=model.graphs[route.graph].form)
-        for masked, table in sorted(model.routing[engine.provider].items())
-        for route in table
-    ]
+def model_info_to_pb(name: str, model: ModelDescription) -> pb.ModelInfo:
+    limits = model.limits
+    routes = [pb.Route(masked=r.masked, up_to=r.up_to, graph=r.graph, form=r.form) for r in model.routes]
     return pb.ModelInfo(
         name=name,
-        version=version,
+        version=MODEL_VERSION,
         d_model=model.d_model,
         num_heads=model.num_heads,
         head_dim=model.head_dim,
         causal=model.causal,
-        input_dtypes=HIDDEN_DTYPES,
+        input_dtypes=HIDDEN_CODES,
         max_seq_len=limits.max_seq_len,
         max_batch_size=limits.max_batch_size,
         max_weights_seq_len=limits.max_weights_seq_len,
         max_message_bytes=limits.max_message_bytes,
-        provider=engine.provider,
+        provider=model.provider,
         routes=routes,
         weights=pb.WeightsSource(kind=model.weights_kind, sha256=model.weights_sha256, detail=model.weights_detail),
         server_version=__version__,

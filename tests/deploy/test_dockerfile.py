@@ -1,5 +1,5 @@
 """The Dockerfile without a Docker engine: hadolint, a parse of its stages checked against the repository and
-.dockerignore, and the image's HEALTHCHECK probe (`python -m service.healthcheck`) against real servers."""
+.dockerignore, and the image's HEALTHCHECK probe (`python -m service.app.healthcheck`) against real servers."""
 
 from __future__ import annotations
 
@@ -244,7 +244,7 @@ def test_runtime_targets_run_unprivileged_and_alike(stages: dict[str, Stage]) ->
         assert [e.args.split() for e in stage.each("EXPOSE")] == [["8001", "8002"]]
         assert [s.args for s in stage.each("STOPSIGNAL")] == ["SIGTERM"]  # the service drains on SIGTERM
         (healthcheck,) = stage.each("HEALTHCHECK")
-        assert "service.healthcheck" in healthcheck.args
+        assert "service.app.healthcheck" in healthcheck.args
         (entrypoint,) = stage.each("ENTRYPOINT")
         command = json.loads(entrypoint.args)
         assert command[:3] == ["python", "-m", "service"]
@@ -264,7 +264,7 @@ def probe(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Com
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "service.healthcheck", *args],
+        [sys.executable, "-m", "service.app.healthcheck", *args],
         cwd=ROOT,
         env={**clean, **(env or {})},
         capture_output=True,

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from service.metrics import SERVICE_METRICS
-from service.settings import Settings
+from service.app.settings import Settings
+from service.observe.metrics import SERVICE_METRICS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -47,7 +47,7 @@ Obj = dict[str, Any]
 def setting_problems(env: Mapping[str, str]) -> list[str]:
     """What is wrong with these ATTNSERVE_* variables: keys that are no Settings field, values it refuses."""
     problems = [
-        f"{key}: no field {key.removeprefix(PREFIX).lower()!r} in service.settings.Settings"
+        f"{key}: no field {key.removeprefix(PREFIX).lower()!r} in service.app.settings.Settings"
         for key in env
         if not key.startswith(PREFIX) or key.removeprefix(PREFIX).lower() not in Settings.model_fields
     ]
@@ -206,7 +206,7 @@ def test_settings_are_real_and_fit_the_cpu_limit(overlay: str, docs: list[Obj]) 
     assert setting_problems(env) == []
     settings = settings_from(env)
     cpus = int(container(docs)["resources"]["limits"]["cpu"])
-    # Thread counts default to the cgroup CPU quota (service/cpu_quota.py); set ones must fit the limit.
+    # Thread counts default to the cgroup CPU quota (service/host/cpu_quota.py); set ones must fit the limit.
     assert 0 <= settings.intra_op_threads <= cpus
     assert 0 <= settings.engine_workers <= cpus
     assert settings.provider == {"cpu": "cpu", "gpu": "cuda"}[overlay]

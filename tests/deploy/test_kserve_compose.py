@@ -211,7 +211,7 @@ def test_compose_service_drains_and_reports_health() -> None:
     assert service["ports"] == [f"{p}:{p}" for p in (settings.grpc_port, settings.metrics_port)]
     assert seconds(service["stop_grace_period"]) > settings.drain_grace_s + SERVER_STOP_S, "SIGKILL mid-drain"
     health = service["healthcheck"]
-    probe = ["CMD", "python", "-m", "service.healthcheck", "--address", f"127.0.0.1:{settings.grpc_port}"]
+    probe = ["CMD", "python", "-m", "service.app.healthcheck", "--address", f"127.0.0.1:{settings.grpc_port}"]
     assert health["test"] == probe
     assert seconds(health["start_period"]) >= 60, "warm-up happens before SERVING"
     assert service["read_only"] is True and service["cap_drop"] == ["ALL"] and "/tmp" in service["tmpfs"]

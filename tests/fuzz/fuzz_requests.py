@@ -9,7 +9,7 @@ around the right one, NaN/Inf, masks, lengths and weight positions near their ed
 decode (kserve_codec.infer_request_from_pb / v1_codec.attend_request_from_pb) and core validation
 (limits.check_request) under the default model's limits and under tiny ones (which random bytes can meet).
 
-Allowed outcomes: protobuf's DecodeError, one of our typed errors (service.errors.ServiceError), or an accepted
+Allowed outcomes: protobuf's DecodeError, one of our typed errors (service.core.errors.ServiceError), or an accepted
 request that satisfies what the engine relies on. Anything else propagates, and libFuzzer reports the crash.
 No server, no onnxruntime run.
 """
@@ -28,7 +28,7 @@ if __name__ == "__main__":  # instrument our own modules for coverage; they must
         import service.api.kserve_codec
         import service.api.tensors
         import service.api.v1_codec
-        import service.limits  # noqa: F401
+        import service.core.limits  # noqa: F401
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -37,10 +37,10 @@ from service._pb.attnserve.v1 import attention_pb2 as v1_pb
 from service._pb.inference import grpc_service_pb2 as kserve_pb
 from service.api import kserve_codec, v1_codec
 from service.api.tensors import WIRE_DTYPES
-from service.errors import ServiceError
-from service.limits import Limits, check_finite, check_request, weights_answer_bytes
-from service.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings
-from service.types import AttentionRequest
+from service.app.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings
+from service.core.errors import ServiceError
+from service.core.limits import Limits, check_finite, check_request, weights_answer_bytes
+from service.core.types import AttentionRequest
 
 SERVED = Settings.model_fields["model_name"].default  # "attention"
 _MAX_WEIGHTS = Settings.model_fields["max_weights_seq_len"].default

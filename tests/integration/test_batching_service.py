@@ -16,7 +16,7 @@ import pytest
 
 from service._pb.attnserve.v1 import attention_pb2 as v1
 from service.api.v1_codec import tensor_to_pb
-from service.engine import usable_cores
+from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import LoadConfig, run_load
 from tests.load.workload import LengthMix, build_target
 from tests.server_process import ServerProcess, start_server

@@ -24,7 +24,7 @@ from service._pb.attnserve.v1 import attention_pb2_grpc as v1_grpc
 from service._pb.inference import grpc_service_pb2 as kserve
 from service._pb.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.api.v1_codec import tensor_from_pb, tensor_to_pb
-from service.healthcheck import health_status
+from service.app.healthcheck import health_status
 from tests.server_process import ServerProcess, free_port, server_command, start_server
 
 SERVICES = ("", "inference.GRPCInferenceService", "attnserve.v1.AttentionService")
@@ -156,8 +156,8 @@ def test_provider_cuda_without_a_gpu_exits_non_zero(served_model: Path) -> None:
 
 
 def _cuda_works(model_dir: Path) -> bool:
-    from service.engine import choose_provider
-    from service.model_dir import load_model_directory
+    from service.engine.model_dir import load_model_directory
+    from service.engine.sessions import choose_provider
 
     model = load_model_directory(model_dir)
     return choose_provider("auto", model.route("cuda", False, 1))[0] == "cuda"

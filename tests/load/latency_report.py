@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
+from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
 from tests.load.histograms import count, histograms, quantile, scrape, subtract
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
 from tests.load.plots import log_log, pyplot, save

@@ -33,7 +33,7 @@ from typing import TextIO
 import grpc
 import numpy as np
 
-from service.seq_buckets import DEFAULT_SEQ_BUCKETS, OVERFLOW, bucket_labels, parse_bounds, seq_bucket
+from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, OVERFLOW, bucket_labels, parse_bounds, seq_bucket
 from tests.load.workload import APIS, LengthMix, Request, Target, build_target, model_dir_reference
 
 CLIENT_OVERLOADED = "CLIENT_OVERLOADED"  # open loop: too many calls in flight, not sent

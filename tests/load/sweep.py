@@ -25,7 +25,7 @@ import grpc
 
 from service._pb.attnserve.v1 import attention_pb2 as v1_pb
 from service._pb.attnserve.v1 import attention_pb2_grpc as v1_grpc
-from service.engine import usable_cores
+from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
 from tests.load.plots import log_log, pyplot, save
 from tests.load.workload import APIS, LengthMix, build_target

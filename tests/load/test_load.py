@@ -20,8 +20,8 @@ from model.reference import relative_l2
 from service._pb.attnserve.v1 import attention_pb2 as v1
 from service._pb.attnserve.v1 import attention_pb2_grpc as v1_grpc
 from service.api.v1_codec import tensor_from_pb, tensor_to_pb
-from service.engine import Engine
-from service.model_dir import load_model_directory
+from service.engine.model_dir import load_model_directory
+from service.engine.sessions import Engine
 from tests.load.loadgen import BAD_RESPONSE, LoadConfig, run_load
 from tests.load.workload import LengthMix, Reference, build_target, engine_reference
 from tests.server_process import ServerProcess

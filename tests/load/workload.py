@@ -24,7 +24,7 @@ from service._pb.inference import grpc_service_pb2 as kserve_pb
 from service.api.v1_codec import tensor_from_pb, tensor_to_pb
 
 if TYPE_CHECKING:
-    from service.engine import Engine
+    from service.engine.sessions import Engine
 
 TOLERANCE = 1e-5  # relative L2 of an answer against in-process onnxruntime
 STREAM_ERROR = "STREAM_ERROR"  # KServe stream errors carry a message and no status code
@@ -318,7 +318,7 @@ def engine_reference(engine: Engine) -> Reference:
 
 def model_dir_reference(model_dir: Path) -> Reference:
     """engine_reference over a model directory, on the CPU provider."""
-    from service.engine import Engine
-    from service.model_dir import load_model_directory
+    from service.engine.model_dir import load_model_directory
+    from service.engine.sessions import Engine
 
     return engine_reference(Engine(load_model_directory(model_dir), "cpu"))

@@ -1,4 +1,4 @@
-"""Batch assembly, the batch queue and the batcher (service/batching.py, service/batcher.py): batched answers
+"""Batch assembly, the batch queue and the batcher (service/engine/batching.py, service/engine/batcher.py): batched answers
 equal answers alone, the policy's triggers and bounds, companions chosen by length."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.reference import relative_l2
-from service.batcher import Batcher
-from service.batching import BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
-from service.engine import Engine
-from service.errors import InvalidInput
-from service.model_dir import load_model_directory
-from service.seq_buckets import seq_bucket
-from service.types import AttentionRequest, WeightsSpec
+from service.core.errors import InvalidInput
+from service.core.seq_buckets import seq_bucket
+from service.core.types import AttentionRequest, WeightsSpec
+from service.engine.batcher import Batcher
+from service.engine.batching import BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
+from service.engine.model_dir import load_model_directory
+from service.engine.sessions import Engine
 
 D_MODEL = 512
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cpu_quota import cpu_limit, parse_cfs, parse_cpu_max
+from service.host.cpu_quota import cpu_limit, parse_cfs, parse_cpu_max
 
 
 @pytest.mark.parametrize(("text", "cores"), [("400000 100000\n", 4.0), ("150000 100000", 1.5), ("max 100000", None)])

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from service.fast_metrics import FastCounter, FastHistogram
-from service.metrics import SERVICE_METRICS, Metrics
+from service.observe.fast_metrics import FastCounter, FastHistogram
+from service.observe.metrics import SERVICE_METRICS, Metrics
 from tests.grafana_queries import (
     DASHBOARD,
     LAYOUT_PANEL_TYPES,
@@ -39,7 +39,7 @@ PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 
-# The service's metrics (service/metrics.py) with their labels, as the exposition names them: histograms
+# The service's metrics (service/observe/metrics.py) with their labels, as the exposition names them: histograms
 # add _bucket/_sum/_count. To be replaced by the service's own registry.
 def _service_labels() -> dict[str, tuple[str, ...]]:
     """The service's own metrics (exposed names) and their label names, read from its metric objects."""

@@ -9,10 +9,10 @@ import numpy as np
 
 from model.export import read_model_dir
 from model.reference import reference_attention, relative_l2
-from service.batcher import Batcher
-from service.engine import Engine
-from service.model_dir import load_model_directory
-from service.types import AttentionRequest
+from service.core.types import AttentionRequest
+from service.engine.batcher import Batcher
+from service.engine.model_dir import load_model_directory
+from service.engine.sessions import Engine
 
 
 def test_narrow_and_wide_runs_agree_and_concurrency_uses_narrow(served_model: Path) -> None:

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from service._pb.attnserve.v1 import attention_pb2 as v1_pb
 from service._pb.inference import grpc_service_pb2 as k_pb
 from service.api import v1_codec
-from service.errors import InvalidInput
+from service.core.errors import InvalidInput
 from tests.fuzz import fuzz_requests as target
 
 ROOT = Path(__file__).resolve().parents[2]

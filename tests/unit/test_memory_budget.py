@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.memory_budget import MemoryBudget
-from service.memory_limit import V1_UNLIMITED, cgroup_memory_limit, memory_budget, physical_memory
-from service.server import gate_policy
-from service.settings import Settings
+from service.app.build import gate_policy
+from service.app.settings import Settings
+from service.core.memory_budget import MemoryBudget
+from service.host.memory_limit import V1_UNLIMITED, cgroup_memory_limit, memory_budget, physical_memory
 
 MIB = 1 << 20
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
-from service.metrics import SERVICE_METRICS, Metrics, NullMetrics
+from service.observe.metrics import SERVICE_METRICS, Metrics, NullMetrics
 
 
 def _exposed_names(metrics: Metrics) -> set[str]:

@@ -1,4 +1,4 @@
-"""The /metrics HTTP server (service/metrics_http.py) on loopback, serving the real Metrics registry: formats,
+"""The /metrics HTTP server (service/observe/metrics_http.py) on loopback, serving the real Metrics registry: formats,
 errors, and its bounds against clients that connect and never finish a request or never read the answer."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.metrics import Metrics
-from service.metrics_http import MetricsHTTPServer
+from service.observe.metrics import Metrics
+from service.observe.metrics_http import MetricsHTTPServer
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 

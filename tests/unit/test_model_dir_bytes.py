@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 from model.export import read_model_dir
 from model.reference import reference_attention, relative_l2
-from service.engine import INPUT, OUTPUT, Engine
-from service.model_dir import load_model_directory
+from service.engine.model_dir import load_model_directory
+from service.engine.sessions import INPUT, OUTPUT, Engine
 
 
 def _shifted(model: bytes) -> bytes:

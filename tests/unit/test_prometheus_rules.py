@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from service.metrics import SERVICE_METRICS
+from service.observe.metrics import SERVICE_METRICS
 from tests.prometheus_process import (
     DEFAULT_RULES,
     PROMETHEUS_DIR,

@@ -12,11 +12,11 @@ import pytest
 from pydantic import ValidationError
 
 from service.api.streams import answer_each
-from service.errors import ModelDirectoryError
-from service.model_dir import load_model_directory
-from service.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, parse_settings
-from service.types import WeightsSpec
-from service.weights_view import select_weights
+from service.app.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings, parse_settings
+from service.core.errors import ModelDirectoryError
+from service.core.types import WeightsSpec
+from service.core.weights_view import select_weights, top_keys
+from service.engine.model_dir import load_model_directory
 
 
 def test_settings_defaults_env_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,3 +166,18 @@ def test_a_broken_request_stream_is_re_raised_after_the_answers_already_due() ->
 
     with pytest.raises(ConnectionError):
         asyncio.run(scenario())
+
+
+def test_top_keys_is_a_stable_descending_sort_cut_to_k() -> None:
+    """The partition-based top-k picks what a full stable sort picks, ties (padded keys' zeros) included."""
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        shape = (2, 3, 4, int(rng.integers(1, 40)))
+        rows = (
+            rng.choice(np.array([0, 0.1, 0.2, 0.25, 0.5], np.float32), size=shape)  # ties everywhere
+            if trial % 2
+            else rng.random(shape, dtype=np.float32)
+        )
+        k = int(rng.integers(1, shape[-1] + 1))
+        expected = np.argsort(-rows, axis=-1, kind="stable")[..., :k]
+        assert np.array_equal(top_keys(rows, k), expected), (trial, k)

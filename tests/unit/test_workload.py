@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 from service._pb.attnserve.v1 import attention_pb2 as v1_pb
 from service._pb.inference import grpc_service_pb2 as kserve_pb
 from service.api.v1_codec import tensor_to_pb
-from service.seq_buckets import bucket_labels, parse_bounds, seq_bucket
+from service.core.seq_buckets import bucket_labels, parse_bounds, seq_bucket
 from tests.load.loadgen import summarize
 from tests.load.workload import KSERVE, V1, Api, LengthMix, Shape, build_target, hidden_states
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from service.types import Timing
+from service.core.types import Timing
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`python -m service.healthcheck`: exit 0 when the server's grpc.health.v1 Check answers SERVING, else 1.
+"""`python -m service.app.healthcheck`: exit 0 when the server's grpc.health.v1 Check answers SERVING, else 1.
 
 The container images' HEALTHCHECK. Not SERVING (warming up, draining), an unknown service name, or no answer
 within the timeout: exit 1, with the status or the error on stderr. It speaks plaintext: with TLS on, probe the
@@ -30,7 +30,7 @@ def health_status(address: str, service: str = "", timeout_s: float = 2.0) -> st
 
 def default_address() -> str:
     """127.0.0.1 at the health port, else the gRPC port, of the settings from the ATTNSERVE_* environment."""
-    from service.settings import Settings  # only when needed: pydantic adds to every probe's start-up
+    from service.app.settings import Settings  # only when needed: pydantic adds to every probe's start-up
 
     settings = Settings()
     port = settings.health_port if settings.health_port is not None else settings.grpc_port
@@ -45,7 +45,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service.healthcheck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m service.app.healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--address", help="host:port of the server (default: 127.0.0.1 at ATTNSERVE_HEALTH_PORT or ATTNSERVE_GRPC_PORT)"
     )

@@ -6,6 +6,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The model's tensors, as every graph of the model directory and both APIs name them.
+INPUT = "hidden_states"
+MASK = "attention_mask"
+OUTPUT = "output"
+WEIGHTS_OUTPUT = "attention_weights"
+# The dtypes hidden states may come in (the graphs compute in FP32; an answer goes back in its request's dtype).
+HIDDEN_DTYPES: tuple[np.dtype, ...] = (np.dtype("<f4"), np.dtype("<f2"))
+
 
 @dataclass(frozen=True)
 class WeightsSpec:

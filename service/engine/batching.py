@@ -1,7 +1,7 @@
 """Dynamic batching, the logic without the threads: which waiting requests run together, and how a batch is
 padded and split back.
 
-Requests wait in one queue per sequence-length bucket (service/seq_buckets.py), so a batch pads short
+Requests wait in one queue per sequence-length bucket (service/core/seq_buckets.py), so a batch pads short
 sequences only up to lengths of their own kind. A bucket's batch is ready when it has max_batch_size
 sequences, when taking the next request would pass the token budget (rows × padded length), or when its
 oldest request has waited max_queue_delay; the oldest ready bucket goes first. A batch starts with its
@@ -18,7 +18,7 @@ whatever the mix of lengths: a request count or token count means very different
 Weights requests run alone: they need the weights graph and their [heads, seq, seq] output is per request
 anyway.
 
-service/batcher.py runs the batches on the engine's threads.
+service/engine/batcher.py runs the batches on the engine's threads.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from service.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
-from service.types import AttentionRequest
+from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
+from service.core.types import AttentionRequest
 
 
 class QueueFull(Exception):

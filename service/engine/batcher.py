@@ -1,6 +1,6 @@
 """The way from an accepted request to the engine's threads: the dynamic batcher's scheduling.
 
-`submit` queues a request (service/batching.py decides which run together) and awaits its own answer. The
+`submit` queues a request (service/engine/batching.py decides which run together) and awaits its own answer. The
 scheduling runs on the event loop, driven by events rather than a loop of its own: a request arriving, a run
 finishing, or the queue delay of the oldest request running out starts every batch a free engine thread can
 take. Checking the values, padding, running and splitting happen on the engine threads (onnxruntime releases
@@ -24,17 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime as ort
 
-from service.batching import Batch, BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
-from service.engine import Engine
-from service.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
-from service.limits import check_finite, check_output, weights_rows_per_run
-from service.metrics import Metrics, NullMetrics
-from service.stats import ModelStats
-from service.thread_priority import lower_this_thread
-from service.types import AttentionRequest, WeightsResult, WeightsSpec
-from service.weights_view import select_weights
+from service.core.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
+from service.core.limits import check_finite, check_output, weights_rows_per_run
+from service.core.types import AttentionRequest, WeightsResult, WeightsSpec
+from service.core.weights_view import select_weights
+from service.engine.batching import Batch, BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
+from service.engine.sessions import Engine, RunControl
+from service.host.thread_priority import lower_this_thread
+from service.observe.metrics import Metrics, NullMetrics
+from service.observe.runs import RunRecorder
+from service.observe.stats import ModelStats
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Run:
 
     members: list[Waiting]
     narrow: bool
-    options: ort.RunOptions = field(default_factory=ort.RunOptions)
+    control: RunControl = field(default_factory=RunControl)
     batch: Batch | None = None  # set by the engine thread once the valid members are assembled
     failed: dict[int, ServiceError] = field(default_factory=dict)  # member index -> why it was left out
 
@@ -69,7 +69,7 @@ class Batcher:
         stats: ModelStats | None = None,
         nice: int = 0,
     ) -> None:
-        """nice: how far below the event loop the engine threads run (service/thread_priority.py)."""
+        """nice: how far below the event loop the engine threads run (service/host/thread_priority.py)."""
         self.engine = engine
         self.policy = policy or BatchPolicy()
         self.metrics = metrics or NullMetrics()
@@ -77,6 +77,7 @@ class Batcher:
         self.workers = workers
         self.queue = BatchQueue(self.policy)
         self.run_times = RunTimes(self.policy.seq_buckets)
+        self.recorder = RunRecorder(self.metrics, self.stats, self.run_times)
         self._executor = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="engine", initializer=lower_this_thread, initargs=(nice,)
         )
@@ -195,7 +196,7 @@ class Batcher:
 
     def _stop_if_abandoned(self, run: Run) -> None:
         if run in self._running and all(w.tag.cancelled() for w in run.members):
-            run.options.terminate = True  # nobody waits for this run: free its engine thread now
+            run.control.stop()  # nobody waits for this run: free its engine thread now
 
     def _finish(self, run: Run, started: float, future: asyncio.Future[Computed | None]) -> None:
         self._running.discard(run)
@@ -205,7 +206,7 @@ class Batcher:
         try:
             output = future.result()
         except Exception as error:  # terminated (nobody waits any more), or a bug every member hears of
-            if run.options.terminate:
+            if run.control.stopped:
                 for _ in run.members:
                     self.metrics.observe_dropped("cancelled")
             for waiting in run.members:
@@ -217,11 +218,7 @@ class Batcher:
 
     def _answer(self, batch: Batch, output: Computed, started: float) -> None:
         rows, longest = batch.hidden_states.shape[:2]
-        self.metrics.observe_run(
-            self.engine.provider, output.graph, rows, longest, batch.padded_tokens, output.compute_s
-        )
-        self.stats.record_run(rows, output.compute_s)
-        self.run_times.record(longest, rows, output.compute_s)
+        self.recorder.record(self.engine.provider, output.graph, rows, longest, batch.padded_tokens, output.compute_s)
         for waiting, part in zip(batch.members, batch.split(output.output), strict=True):
             if not waiting.tag.done():
                 share = Computed(part, output.weights, output.graph, output.compute_s)
@@ -260,15 +257,15 @@ class Batcher:
     def _run(self, batch: Batch, run: Run) -> Computed:
         spec = batch.members[0].request.weights
         if run.narrow:
-            ran = self.engine.run(batch.hidden_states, batch.mask, False, narrow=True, options=run.options)
+            ran = self.engine.run(batch.hidden_states, batch.mask, False, narrow=True, control=run.control)
             return Computed(ran.output, None, ran.graph, ran.compute_s)
         with self._wide:
             if spec is not None:
-                return self._weights_run(batch, spec, run.options)
-            ran = self.engine.run(batch.hidden_states, batch.mask, False, options=run.options)
+                return self._weights_run(batch, spec, run.control)
+            ran = self.engine.run(batch.hidden_states, batch.mask, False, control=run.control)
             return Computed(ran.output, None, ran.graph, ran.compute_s)
 
-    def _weights_run(self, batch: Batch, spec: WeightsSpec, options: ort.RunOptions) -> Computed:
+    def _weights_run(self, batch: Batch, spec: WeightsSpec, control: RunControl) -> Computed:
         """A weights request, a few sequences per run (limits.weights_rows_per_run), each run's probabilities cut
         down to what the client asked for before the next: memory stays at one run's probabilities."""
         x, mask = batch.hidden_states, batch.mask
@@ -276,7 +273,7 @@ class Batcher:
         outputs, parts, compute_s, graph = [], [], 0.0, ""
         for start in range(0, x.shape[0], step):
             rows = slice(start, start + step)
-            ran = self.engine.run(x[rows], None if mask is None else mask[rows], True, options=options)
+            ran = self.engine.run(x[rows], None if mask is None else mask[rows], True, control=control)
             assert ran.probs is not None
             outputs.append(ran.output)
             parts.append(select_weights(ran.probs, spec))

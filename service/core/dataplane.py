@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.batcher import Batcher
-from service.errors import ResourceExhausted, Unavailable
-from service.limits import Limits, check_request, request_bytes
-from service.memory_budget import MemoryBudget
-from service.metrics import Metrics, NullMetrics
-from service.types import AttentionRequest, AttentionResult, Timing
+from service.core.describe import Batching, ModelDescription, Route
+from service.core.errors import ResourceExhausted, Unavailable
+from service.core.limits import Limits, check_request, request_bytes
+from service.core.memory_budget import MemoryBudget
+from service.core.types import AttentionRequest, AttentionResult, Timing
+from service.engine.batcher import Batcher
+from service.observe.metrics import Metrics, NullMetrics
 
 MIB = 1 << 20
 
@@ -23,6 +24,7 @@ class DataPlane:
         self.metrics = metrics or NullMetrics()
         self.limits = limits
         self.budget = budget or MemoryBudget(1 << 62)
+        self.description = describe(batcher, limits)  # what metadata, config and model info say
         self.stats = batcher.stats  # per request here, per engine run in the batcher
         self.ready = False
         self.inflight = 0
@@ -80,3 +82,34 @@ class DataPlane:
             return True
         except TimeoutError:
             return False
+
+
+def describe(batcher: Batcher, limits: Limits) -> ModelDescription:
+    """The served model as the engine, the batching policy and the limits make it."""
+    engine, policy = batcher.engine, batcher.policy
+    model = engine.model
+    routes = tuple(
+        Route(masked, route.up_to, route.graph, model.graphs[route.graph].form)
+        for masked, table in sorted(model.routing[engine.provider].items())
+        for route in table
+    )
+    batching = Batching(
+        max_sequences=policy.max_batch_size,
+        max_queue_delay_us=round(policy.max_queue_delay_s * 1e6),
+        max_queue_requests=policy.max_queue_requests,
+        summary=policy.describe(),
+    )
+    return ModelDescription(
+        d_model=model.d_model,
+        num_heads=model.num_heads,
+        head_dim=model.head_dim,
+        causal=model.causal,
+        provider=engine.provider,
+        instances=batcher.workers,
+        routes=routes,
+        weights_kind=model.weights_kind,
+        weights_sha256=model.weights_sha256,
+        weights_detail=model.weights_detail,
+        limits=limits,
+        batching=batching,
+    )

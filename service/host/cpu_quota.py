@@ -5,6 +5,8 @@ node, and one thread per visible core on a 64-core node would be throttled to 4 
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup")
@@ -36,3 +38,14 @@ def cpu_limit(root: Path = CGROUP) -> float | None:
     except (OSError, ValueError):  # an unreadable or odd file: no limit known, as outside a container
         return None
     return None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: the cpuset, capped by the cgroup CPU quota (a pod's CPU limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    limit = cpu_limit()
+    # Rounded down, as Go's automaxprocs does: a thread past the quota is throttled, a fraction left over is not.
+    return cores if limit is None else max(1, min(cores, math.floor(limit)))

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.errors import ModelDirectoryError
+from service.core.errors import ModelDirectoryError
 
 FORMAT = "attnserve-model/1"
 WEIGHTS_GRAPH = "weights"
@@ -67,14 +67,6 @@ class ModelDirectory:
         return [self.graphs[name] for name in sorted(names | {WEIGHTS_GRAPH})]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _require(config: dict, key: str, kind: type) -> object:
     if not isinstance(config.get(key), kind):
         raise ModelDirectoryError(f"config.json: `{key}` missing or not a {kind.__name__}")
@@ -92,9 +84,9 @@ def _routes(raw: object, graphs: dict, where: str) -> tuple[Route, ...]:
 
 
 def _read_files(path: Path, files: dict, graph_files: set[str], verify: bool) -> dict[str, bytes]:
-    """The graph files' bytes. Each is read once, hashed and later handed to onnxruntime as the same bytes, so a
-    file changed after the check is never served. The others (weights.npz) are only hashed, streamed: the
-    service never loads them, so they are not kept. Without verify: the graphs are read, nothing compared."""
+    """The graph files' bytes. Each file is read once and hashed; a graph's bytes are later handed to onnxruntime
+    as they are, so a file changed after the check is never served. The others (weights.npz, a few MB) are only
+    hashed: the service never loads them. Without verify: the graphs are read, nothing compared."""
     contents: dict[str, bytes] = {}
     for name, expected in files.items():
         file = path / name
@@ -102,16 +94,14 @@ def _read_files(path: Path, files: dict, graph_files: set[str], verify: bool) ->
             continue
         if not file.is_file():
             raise ModelDirectoryError(f"{file}: listed in config.json but missing")
-        if name in graph_files:
-            try:
-                contents[name] = file.read_bytes()
-            except OSError as e:
-                raise ModelDirectoryError(f"{file}: unreadable ({e.strerror})") from None
-            actual = hashlib.sha256(contents[name]).hexdigest()
-        else:
-            actual = sha256_of(file)
-        if verify and actual != expected:
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            raise ModelDirectoryError(f"{file}: unreadable ({e.strerror})") from None
+        if verify and (actual := hashlib.sha256(data).hexdigest()) != expected:
             raise ModelDirectoryError(f"{file}: sha256 {actual} differs from config.json's {expected}")
+        if name in graph_files:
+            contents[name] = data
     return contents
 
 

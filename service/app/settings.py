@@ -10,8 +10,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.errors import SettingsError
-from service.seq_buckets import DEFAULT_SEQ_BUCKETS, parse_bounds
+from service.core.errors import SettingsError
+from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, parse_bounds
 
 # Large enough for batch 8 × seq 2048 × d_model 512 in FP32 (32 MiB) with room for the envelope.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

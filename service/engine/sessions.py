@@ -6,24 +6,19 @@ Everything here blocks; callers run it in the engine's own threads, never on the
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from service.cpu_quota import cpu_limit
-from service.errors import ProviderError
-from service.model_dir import WEIGHTS_GRAPH, Graph, ModelDirectory
+from service.core.errors import ProviderError
+from service.core.types import INPUT, MASK, OUTPUT, WEIGHTS_OUTPUT
+from service.engine.model_dir import WEIGHTS_GRAPH, Graph, ModelDirectory
+from service.host.cpu_quota import usable_cores
 
 log = logging.getLogger(__name__)
 
-INPUT = "hidden_states"
-MASK = "attention_mask"
-OUTPUT = "output"
-WEIGHTS_OUTPUT = "attention_weights"
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 
@@ -34,17 +29,6 @@ class EngineOutput:
     probs: np.ndarray | None  # (B, H, S, S) float32 when weights were asked for
     graph: str
     compute_s: float
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on: the cpuset, capped by the cgroup CPU quota (a pod's CPU limit)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    limit = cpu_limit()
-    # Rounded down, as Go's automaxprocs does: a thread past the quota is throttled, a fraction left over is not.
-    return cores if limit is None else max(1, min(cores, math.floor(limit)))
 
 
 def choose_provider(requested: str, probe: Graph) -> tuple[str, str]:
@@ -68,6 +52,22 @@ def choose_provider(requested: str, probe: Graph) -> tuple[str, str]:
     if requested == "cuda":
         raise ProviderError(f"--provider cuda, but no usable GPU: {reason}")
     return "cpu", f"{reason}; using CPU"
+
+
+class RunControl:
+    """Lets another thread stop a run in progress (onnxruntime's RunOptions.terminate): the run then raises."""
+
+    __slots__ = ("options",)
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+
+    def stop(self) -> None:
+        self.options.terminate = True
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.options.terminate)
 
 
 class Engine:
@@ -126,12 +126,12 @@ class Engine:
         mask: np.ndarray | None,
         want_probs: bool,
         narrow: bool = False,
-        options: ort.RunOptions | None = None,
+        control: RunControl | None = None,
     ) -> EngineOutput:
         """Attention over (B, S, D) float32; mask (B, S) int32 or None (None or all ones: the unmasked graph).
 
-        narrow: on the single-threaded session (only where can_run_narrow said yes). options: lets another
-        thread stop the run (terminate), which then raises."""
+        narrow: on the single-threaded session (only where can_run_narrow said yes). control: lets another
+        thread stop the run, which then raises."""
         if mask is not None and bool(mask.all()):
             mask = None  # the unmasked graphs are the fast ones (flash kernel on CPU)
         if want_probs:
@@ -144,7 +144,7 @@ class Engine:
         outputs = [OUTPUT, WEIGHTS_OUTPUT] if want_probs else [OUTPUT]
         start = time.perf_counter()
         sessions = self.narrow_sessions if narrow else self.sessions
-        results = self._run(sessions[graph.name], feed, outputs, options)
+        results = self._run(sessions[graph.name], feed, outputs, None if control is None else control.options)
         compute_s = time.perf_counter() - start
         return EngineOutput(results[0], results[1] if want_probs else None, graph.name, compute_s)
 

@@ -16,13 +16,13 @@ import contextlib
 import itertools
 import os
 import time
+from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as json_string  # type: ignore[attr-defined]
 from types import TracebackType
 from typing import TextIO
 
-from service.api.status import code_of
-from service.metrics import Metrics
-from service.types import AttentionRequest, AttentionResult
+from service.core.types import AttentionRequest, AttentionResult
+from service.observe.metrics import Metrics
 
 FLUSH_EVERY_S = 0.5
 MAX_PENDING = 4096  # lines queued before a flush happens anyway
@@ -102,12 +102,16 @@ class Observation:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        code = "OK" if error is None else code_of(error).name
+        code = "OK" if error is None else self.observer.code_name(error)
         self.observer.finish(self, code)
 
 
 class Observer:
-    def __init__(self, metrics: Metrics, access_log: AccessLog | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, code_name: Callable[[BaseException], str], access_log: AccessLog | None = None
+    ) -> None:
+        """code_name: the status an error ends its call with, as the edge names it (OK for none)."""
+        self.code_name = code_name
         self.metrics = metrics
         self.access_log = access_log
         # Server-side ids for requests that bring none, so an exemplar still leads to a log line.
@@ -119,7 +123,7 @@ class Observer:
 
     def refused(self, api: str, method: str, error: BaseException) -> None:
         """A call refused before it became a request (its message undecodable or late): counted all the same."""
-        self.finish(Observation(self, api, method), code_of(error).name)
+        self.finish(Observation(self, api, method), self.code_name(error))
 
     def finish(self, seen: Observation, code: str) -> None:
         seconds = time.perf_counter() - seen.started

@@ -1,6 +1,6 @@
 """How much memory this process may use: the cgroup's limit (a pod's `resources.limits.memory`), else the machine's.
 
-The service sizes its memory budget from it (service/memory_budget.py): a container killed by the OOM killer
+The service sizes its memory budget from it (service/core/memory_budget.py): a container killed by the OOM killer
 drops every request it holds, so past the budget the server refuses new work instead."""
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import InvalidInput
-from service.types import AttentionRequest
+from service.core.errors import InvalidInput
+from service.core.types import AttentionRequest
 
 FP32_BYTES = 4
 MAX_NAME_BYTES = 256  # request ids, model and tensor names: they reach logs, metrics and error messages

@@ -1,11 +1,11 @@
 """Prometheus metrics: every metric defined once, on a registry of its own, served at /metrics.
 
-Latency is labelled by sequence-length bucket (service/seq_buckets.py), never by the raw length: attention
+Latency is labelled by sequence-length bucket (service/core/seq_buckets.py), never by the raw length: attention
 costs O(n²·d), so a latency figure means something only within a range of lengths. Durations are in
 seconds, with buckets from 50 µs to 30 s. The request histogram carries the request id as an exemplar
 (OpenMetrics scrapes only), so a slow bucket on a dashboard leads to one request in the access log.
 
-The request path calls `observe_*` a few times per request; those metrics are service/fast_metrics.py's
+The request path calls `observe_*` a few times per request; those metrics are service/observe/fast_metrics.py's
 (an observation is a bisect and two increments under one lock), the rest prometheus-client's own.
 `NullMetrics` is the same interface doing nothing (`--metrics false`), what `make bench-metrics` compares
 against.
@@ -22,9 +22,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from service import __version__
-from service.fast_metrics import FastCounter, FastHistogram
-from service.metrics_http import MetricsHTTPServer
-from service.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
+from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
+from service.observe.fast_metrics import FastCounter, FastHistogram
+from service.observe.metrics_http import MetricsHTTPServer
 
 # 50 µs … 30 s: a 16-token request on a GPU to a 4096-token batch on a small CPU.
 DURATION_BUCKETS = (5e-05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -139,7 +139,7 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
 
     def serve(self, host: str, port: int) -> int:
-        """Start /metrics in a thread of its own (service/metrics_http.py); the port (port 0 picks a free one)."""
+        """Start /metrics in a thread of its own (service/observe/metrics_http.py); the port (port 0 picks a free one)."""
         http = MetricsHTTPServer(self.registry)
         port = http.serve(host, port)
         self._http = http

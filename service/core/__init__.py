@@ -1,0 +1,1 @@
+"""The core: protocol-neutral request handling (dataplane), limits, types, errors, weights view, memory budget."""

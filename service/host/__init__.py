@@ -1,0 +1,1 @@
+"""Host tuning: the cgroup CPU quota and memory limit, compute-thread priority, malloc settings."""
