@@ -23,16 +23,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnxruntime as ort
 
 from service.batching import Batch, BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
-from service.engine import Engine, EngineOutput
+from service.engine import Engine
 from service.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
-from service.limits import check_finite
+from service.limits import check_finite, weights_rows_per_run
 from service.metrics import Metrics, NullMetrics
 from service.stats import ModelStats
 from service.thread_priority import lower_this_thread
-from service.types import AttentionRequest
+from service.types import AttentionRequest, WeightsResult, WeightsSpec
+from service.weights_view import select_weights
+
+
+@dataclass(frozen=True)
+class Computed:
+    """What a run computed for its batch, or a request's share of it: output rows, the weights a weights request
+    asked for (those run alone), the graph, and the run's compute time."""
+
+    output: np.ndarray  # (B, S, D) float32
+    weights: WeightsResult | None
+    graph: str
+    compute_s: float
 
 
 @dataclass(eq=False)  # each run is itself: hashed by identity
@@ -74,7 +87,7 @@ class Batcher:
         self._wide = threading.Lock()  # one all-cores run at a time
         self.runs = {"wide": 0, "narrow": 0}  # how batches ran, for tests and metrics
 
-    async def submit(self, request: AttentionRequest) -> tuple[EngineOutput, float]:
+    async def submit(self, request: AttentionRequest) -> tuple[Computed, float]:
         """(this request's share of its batch's output, seconds queued). Raises ResourceExhausted when the
         queue is full, DeadlineExceeded when the deadline passes (or cannot be met) before compute,
         InvalidInput for non-finite values."""
@@ -184,7 +197,7 @@ class Batcher:
         if run in self._running and all(w.tag.cancelled() for w in run.members):
             run.options.terminate = True  # nobody waits for this run: free its engine thread now
 
-    def _finish(self, run: Run, started: float, future: asyncio.Future[EngineOutput | None]) -> None:
+    def _finish(self, run: Run, started: float, future: asyncio.Future[Computed | None]) -> None:
         self._running.discard(run)
         self._free_workers += 1
         for index, error in run.failed.items():
@@ -202,7 +215,7 @@ class Batcher:
             self._answer(run.batch, output, started)
         self._schedule()
 
-    def _answer(self, batch: Batch, output: EngineOutput, started: float) -> None:
+    def _answer(self, batch: Batch, output: Computed, started: float) -> None:
         rows, longest = batch.hidden_states.shape[:2]
         self.metrics.observe_run(
             self.engine.provider, output.graph, rows, longest, batch.padded_tokens, output.compute_s
@@ -211,7 +224,7 @@ class Batcher:
         self.run_times.record(longest, rows, output.compute_s)
         for waiting, part in zip(batch.members, batch.split(output.output), strict=True):
             if not waiting.tag.done():
-                share = EngineOutput(part, output.probs, output.graph, output.compute_s)
+                share = Computed(part, output.weights, output.graph, output.compute_s)
                 waiting.tag.set_result((share, started - waiting.enqueued))
 
     @staticmethod
@@ -221,7 +234,7 @@ class Batcher:
 
     # On an engine thread.
 
-    def _compute(self, run: Run) -> EngineOutput | None:
+    def _compute(self, run: Run) -> Computed | None:
         """Check each member's values, pad the valid ones into one batch, run it."""
         valid = []
         for index, waiting in enumerate(run.members):
@@ -233,8 +246,33 @@ class Batcher:
         if not valid:
             return None
         batch = run.batch = assemble(valid)
-        want_probs = valid[0].request.weights is not None
+        spec = valid[0].request.weights
         if run.narrow:
-            return self.engine.run(batch.hidden_states, batch.mask, want_probs, narrow=True, options=run.options)
+            ran = self.engine.run(batch.hidden_states, batch.mask, False, narrow=True, options=run.options)
+            return Computed(ran.output, None, ran.graph, ran.compute_s)
         with self._wide:
-            return self.engine.run(batch.hidden_states, batch.mask, want_probs, options=run.options)
+            if spec is not None:
+                return self._weights_run(batch, spec, run.options)
+            ran = self.engine.run(batch.hidden_states, batch.mask, False, options=run.options)
+            return Computed(ran.output, None, ran.graph, ran.compute_s)
+
+    def _weights_run(self, batch: Batch, spec: WeightsSpec, options: ort.RunOptions) -> Computed:
+        """A weights request, a few sequences per run (limits.weights_rows_per_run), each run's probabilities cut
+        down to what the client asked for before the next: memory stays at one run's probabilities."""
+        x, mask = batch.hidden_states, batch.mask
+        step = weights_rows_per_run(x.shape[1], self.engine.model.num_heads)
+        outputs, parts, compute_s, graph = [], [], 0.0, ""
+        for start in range(0, x.shape[0], step):
+            rows = slice(start, start + step)
+            ran = self.engine.run(x[rows], None if mask is None else mask[rows], True, options=options)
+            assert ran.probs is not None
+            outputs.append(ran.output)
+            parts.append(select_weights(ran.probs, spec))
+            compute_s, graph = compute_s + ran.compute_s, ran.graph
+        if len(parts) == 1:
+            return Computed(outputs[0], parts[0], graph, compute_s)
+        found = [p.indices for p in parts if p.indices is not None]
+        indices = np.concatenate(found) if found else None
+        values = np.concatenate([p.values for p in parts])
+        weights = WeightsResult(parts[0].positions, parts[0].averaged, values, indices)
+        return Computed(np.concatenate(outputs), weights, graph, compute_s)

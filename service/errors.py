@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+SHOWN_CHARS = 64  # of a client's string quoted in an error message
+
+
+def shown(text: str) -> str:
+    """A client's string as an error message quotes it: repr, cut short, so no message echoes megabytes."""
+    if len(text) <= SHOWN_CHARS:
+        return repr(text)
+    return f"{text[:SHOWN_CHARS]!r}… ({len(text.encode(errors='replace'))} bytes)"
+
 
 class ServiceError(Exception):
     """Base of every error we raise on purpose; the message says what was wrong and what is allowed."""

@@ -20,6 +20,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 
 EXEMPLAR_LABEL = "request_id"
+# OpenMetrics allows 128 characters in an exemplar's labels, names included; Prometheus fails a scrape past it.
+EXEMPLAR_VALUE_CHARS = 128 - len(EXEMPLAR_LABEL)
 
 
 class _Series:
@@ -51,7 +53,7 @@ class FastHistogram(Collector):
             series.counts[index] += 1
             series.total += value
             if exemplar:
-                series.exemplars[index] = (exemplar, value, time.time())
+                series.exemplars[index] = (exemplar[:EXEMPLAR_VALUE_CHARS], value, time.time())
 
     def describe(self) -> list[Metric]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]

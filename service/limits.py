@@ -10,6 +10,8 @@ from service.errors import InvalidInput
 from service.types import AttentionRequest
 
 FP32_BYTES = 4
+MAX_NAME_BYTES = 256  # request ids, model and tensor names: they reach logs, metrics and error messages
+WEIGHTS_RUN_BYTES = 64 * 1024 * 1024  # attention probabilities one weights run may compute at once
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,23 @@ class Limits:
     max_batch_size: int
     max_weights_seq_len: int
     max_message_bytes: int
+
+
+def fits_name(value: str) -> bool:
+    """True for an id or name of at most MAX_NAME_BYTES in UTF-8 (a short string is not encoded to know)."""
+    return len(value) <= MAX_NAME_BYTES // 4 or len(value.encode(errors="replace")) <= MAX_NAME_BYTES
+
+
+def check_name(field: str, value: str) -> None:
+    """Refuse an id or name longer than MAX_NAME_BYTES before it reaches a log line, a metric or a message."""
+    if not fits_name(value):
+        raise InvalidInput(f"{field}: {len(value.encode(errors='replace'))} bytes; at most {MAX_NAME_BYTES} allowed")
+
+
+def check_count(field: str, count: int, most: int) -> None:
+    """Refuse a repeated field longer than it can meaningfully be, before anything iterates it."""
+    if count > most:
+        raise InvalidInput(f"{field}: {count} entries; at most {most} allowed")
 
 
 def check_request(request: AttentionRequest, limits: Limits) -> None:
@@ -37,12 +56,46 @@ def check_request(request: AttentionRequest, limits: Limits) -> None:
         request.mask = request.mask.astype(np.int32, copy=False)  # the graphs take INT32
     if request.weights is not None:
         _check_weights(request, limits)
-    output_bytes = x.size * request.output_dtype.itemsize
-    if output_bytes > limits.max_message_bytes:
+    answer_bytes = x.size * request.output_dtype.itemsize + weights_answer_bytes(request, limits)
+    if answer_bytes > limits.max_message_bytes:
         raise InvalidInput(
-            f"output would be {output_bytes} bytes, over the max message size {limits.max_message_bytes}; "
-            "send fewer or shorter sequences"
+            f"the answer (output{' and attention weights' if request.weights else ''}) would be {answer_bytes} "
+            f"bytes, over the max message size {limits.max_message_bytes}; send fewer or shorter sequences"
+            + ("; ask for fewer positions, averaged heads or top_k" if request.weights else "")
         )
+
+
+def weights_answer_bytes(request: AttentionRequest, limits: Limits) -> int:
+    """Bytes of the weights a request asked for (values, and indices with top-k); 0 without weights."""
+    spec = request.weights
+    if spec is None:
+        return 0
+    seq = request.seq_len
+    rows = len(spec.positions) if spec.positions is not None else seq
+    heads = 1 if spec.average_heads else limits.num_heads
+    per_row = spec.top_k * 2 if spec.top_k else seq  # top-k: values and their int32 key positions
+    return request.batch_size * heads * rows * per_row * FP32_BYTES
+
+
+def weights_rows_per_run(seq_len: int, num_heads: int) -> int:
+    """Sequences of a weights request computed per engine run, so that its [rows, heads, seq, seq] probabilities
+    stay within WEIGHTS_RUN_BYTES whatever the batch: batch 8 x 1024 with top-k needs 256 MiB at once, but the
+    client gets kilobytes."""
+    return max(1, WEIGHTS_RUN_BYTES // (num_heads * seq_len * seq_len * FP32_BYTES))
+
+
+def request_bytes(request: AttentionRequest, limits: Limits) -> int:
+    """What a request makes the server hold at most from admission to its answer, for the memory budget: its
+    message, an FP32 copy of its input (FP16 in, or joined into a batch), the engine's output and the answer's
+    copy of it, and with weights the probabilities of one run (and the graph's scores beside them) plus the
+    weights answer."""
+    fp32 = request.hidden_states.size * FP32_BYTES
+    total = request.wire_bytes + 3 * fp32
+    if request.weights is not None:
+        rows = min(request.batch_size, weights_rows_per_run(request.seq_len, limits.num_heads))
+        probs = rows * limits.num_heads * request.seq_len * request.seq_len * FP32_BYTES
+        total += 2 * probs + weights_answer_bytes(request, limits)
+    return total
 
 
 def check_finite(hidden_states: np.ndarray) -> None:
@@ -76,12 +129,3 @@ def _check_weights(request: AttentionRequest, limits: Limits) -> None:
             raise InvalidInput(f"weights.positions: {position} is out of range; allowed 0..{seq - 1}")
     if not 0 <= spec.top_k <= seq:
         raise InvalidInput(f"weights.top_k: {spec.top_k}; allowed 0 (full rows) .. {seq} (the sequence length)")
-    rows = len(spec.positions) if spec.positions is not None else seq
-    heads = 1 if spec.average_heads else limits.num_heads
-    per_row = spec.top_k * 2 if spec.top_k else seq
-    weights_bytes = request.batch_size * heads * rows * per_row * FP32_BYTES
-    if weights_bytes > limits.max_message_bytes:
-        raise InvalidInput(
-            f"attention weights would be {weights_bytes} bytes, over the max message size "
-            f"{limits.max_message_bytes}; ask for fewer positions, averaged heads or top_k"
-        )

@@ -90,7 +90,7 @@ class Metrics:
         )
         self.dropped = FastCounter(
             "attnserve_dropped_requests", "requests dropped before compute, by reason (deadline, cancelled, "
-            "queue_full)", ["reason"], r,
+            "queue_full, memory)", ["reason"], r,
         )  # fmt: skip
         self.inflight = Gauge("attnserve_inflight_requests", "requests accepted and not yet answered", registry=r)
         self.queue_depth = Gauge("attnserve_queue_depth", "requests waiting for an engine thread", registry=r)

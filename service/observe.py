@@ -117,6 +117,10 @@ class Observer:
     def observe(self, api: str, method: str) -> Observation:
         return Observation(self, api, method)
 
+    def refused(self, api: str, method: str, error: BaseException) -> None:
+        """A call refused before it became a request (its message undecodable or late): counted all the same."""
+        self.finish(Observation(self, api, method), code_of(error).name)
+
     def finish(self, seen: Observation, code: str) -> None:
         seconds = time.perf_counter() - seen.started
         request = seen.request

@@ -10,11 +10,11 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from service._pb.attnserve.v1 import attention_pb2, attention_pb2_grpc
 from service._pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
-from service.api.interceptors import BearerTokenInterceptor
+from service.api.gate import CallGate, GatePolicy, MethodTable
 from service.api.kserve import KServeServicer
 from service.api.v1 import AttentionServicer
 from service.batcher import Batcher
@@ -23,6 +23,8 @@ from service.dataplane import DataPlane
 from service.engine import Engine, usable_cores
 from service.errors import ListenError
 from service.limits import Limits
+from service.memory_budget import MemoryBudget
+from service.memory_limit import memory_budget
 from service.metrics import Metrics, NullMetrics
 from service.model_dir import load_model_directory
 from service.observe import AccessLog, Observer
@@ -41,7 +43,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _reflection_v1(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
+# Calls that hold no slot of ours (health Check) still count in gRPC's own limit: room for them above ours.
+PROBE_HEADROOM = 64
+
+
+def _reflection_v1(table: MethodTable, names: tuple[str, ...]) -> None:
     """grpcio-reflection ships v1alpha only; v1 has the same messages under a new name, so serve both."""
     servicer = reflection.aio.ReflectionServicer(names)
     handler = grpc.stream_stream_rpc_method_handler(
@@ -49,9 +55,7 @@ def _reflection_v1(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler})]
-    )
+    table.add_registered_method_handlers(REFLECTION_V1, {"ServerReflectionInfo": handler})
 
 
 def _channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -66,6 +70,8 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1e3)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1e3)),
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * 1e3)),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
         # Let clients keep idle connections alive with pings every 10 s without being sent GOAWAY.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -83,6 +89,33 @@ def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def gate_policy(settings: Settings, budget: int) -> GatePolicy:
+    """The call gate's bounds: calls at once are capped so that their messages, each up to max_message_bytes,
+    fit the memory budget (a message is read whole before anything of ours can refuse it)."""
+    calls = max(1, min(settings.max_concurrent_rpcs, budget // settings.max_message_bytes))
+    return GatePolicy(
+        token=settings.bearer_token(),
+        max_calls=calls,
+        max_streams=min(settings.max_concurrent_streams, calls),
+        body_timeout_s=settings.body_timeout_s,
+    )
+
+
+def observed_methods() -> dict[str, tuple[str, str]]:
+    """The inference methods, by path, with their metric labels (api, method)."""
+    services = {
+        "kserve": grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        "v1": attention_pb2.DESCRIPTOR.services_by_name["AttentionService"],
+    }
+    inference = {"ModelInfer", "ModelStreamInfer", "Attend", "AttendStream"}
+    return {
+        f"/{service.full_name}/{method.name}": (api, method.name)
+        for api, service in services.items()
+        for method in service.methods
+        if method.name in inference
+    }
 
 
 GPU_BATCH_TOKENS = 16384
@@ -139,7 +172,8 @@ class AttnServer:
             self.metrics,
             nice=settings.engine_nice,
         )
-        self.dataplane = DataPlane(self.batcher, self.limits, self.metrics)
+        budget, budget_source = memory_budget(settings.memory_budget_mb)
+        self.dataplane = DataPlane(self.batcher, self.limits, self.metrics, MemoryBudget(budget))
         log.info("batching: %s; %d engine threads", self.batcher.policy.describe(), self.batcher.workers)
         self.metrics.set_model_info(
             settings.model_name, model.d_model, model.num_heads, self.engine.provider, model.weights_sha256
@@ -149,33 +183,36 @@ class AttnServer:
         self._flusher: asyncio.Task[None] | None = None
         observer = Observer(self.metrics, self.access_log)
         self.health = health_aio.HealthServicer()
-        token = settings.bearer_token()
-        interceptors = [BearerTokenInterceptor(token)] if token else []
-        self.server = grpc.aio.server(
-            options=_channel_options(settings),
-            interceptors=interceptors,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        )
+        policy = gate_policy(settings, budget)
+        log.info(
+            "limits: memory budget %d MiB (%s); at most %d calls at once (%d streaming, %d answers pending per "
+            "stream, %d per connection), messages ≤ %d MiB, request message due %g s after the headers",
+            budget >> 20, budget_source, policy.max_calls, policy.max_streams, settings.max_stream_pending,
+            settings.max_streams_per_connection, settings.max_message_bytes >> 20, policy.body_timeout_s,
+        )  # fmt: skip
+        table = MethodTable()
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.dataplane, self.engine, settings, observer), self.server
+            KServeServicer(self.dataplane, self.engine, settings, observer), table
         )
         attention_pb2_grpc.add_AttentionServiceServicer_to_server(
-            AttentionServicer(self.dataplane, self.engine, settings.model_name, observer), self.server
+            AttentionServicer(self.dataplane, self.engine, settings.model_name, observer, settings.max_stream_pending),
+            table,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, table)
+        names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), table)
+        _reflection_v1(table, (*names, REFLECTION_V1))
+        self.gate = CallGate(table, policy, observer, observed_methods())
+        self.server = grpc.aio.server(
+            handlers=[self.gate],
+            options=_channel_options(settings),
+            maximum_concurrent_rpcs=policy.max_calls + PROBE_HEADROOM,
+        )
         # kubelet's gRPC probes speak no TLS: with TLS on, they need health on a plaintext port of its own.
         self.health_server: grpc.aio.Server | None = None
         if settings.health_port is not None:
             self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-        names = (
-            *SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-            REFLECTION_V1,
-        )
-        reflection.enable_server_reflection(names, self.server)
-        _reflection_v1(self.server, names)
         self.grpc_port = 0
         self.metrics_port = 0
         self.health_port = 0
@@ -233,6 +270,9 @@ class AttnServer:
         self.dataplane.ready = False  # new requests: UNAVAILABLE; ServerReady: false
         await self.health.enter_graceful_shutdown()
         inflight = self.dataplane.inflight
+        # GOAWAY now, not once the work is done: clients send new calls to other replicas at once, while the calls
+        # in flight finish and their answers go out whole within the grace period.
+        stopping = asyncio.create_task(self.server.stop(grace=self.settings.drain_grace_s))
         finished = await self.dataplane.wait_idle(self.settings.drain_grace_s)
         log.info(
             "drain: %d in flight at SIGTERM, %s after %.2f s",
@@ -240,11 +280,16 @@ class AttnServer:
             "all finished" if finished else "grace period over",
             time.monotonic() - started,
         )
-        await self.stop()
+        await stopping
+        await self._release()
         return finished
 
     async def stop(self) -> None:
         await self.server.stop(grace=1.0)  # answers already computed still go out
+        await self._release()
+
+    async def _release(self) -> None:
+        """Everything but the gRPC server, once it has stopped."""
         if self.health_server is not None:
             await self.health_server.stop(grace=None)
         await asyncio.to_thread(self.batcher.close)

@@ -110,8 +110,39 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: int = Field(
         1024,
         ge=1,
-        description="calls (a stream counts once) the gRPC server takes at once; beyond it gRPC answers "
-        "RESOURCE_EXHAUSTED before reading the request, which bounds memory under any offered load",
+        description="calls (a stream counts once) the server takes at once, health checks aside (probes keep "
+        "answering when it is full); beyond it RESOURCE_EXHAUSTED before the request is read; capped at "
+        "memory budget / max_message_bytes, so the messages of every call at once fit the budget",
+    )
+    max_concurrent_streams: int = Field(
+        64,
+        ge=1,
+        description="streaming calls open at once (AttendStream, ModelStreamInfer, health Watch, reflection), "
+        "within max_concurrent_rpcs; beyond it new ones get RESOURCE_EXHAUSTED, so streams that never end "
+        "cannot take every call slot",
+    )
+    max_stream_pending: int = Field(
+        4,
+        ge=1,
+        description="answers one stream may have computing or waiting to be sent; at the bound the server stops "
+        "reading that stream's requests until its client reads (backpressure), so a client that never reads "
+        "holds this many answers, not an unbounded pile",
+    )
+    max_streams_per_connection: int = Field(
+        100, ge=1, description="HTTP/2 streams (calls) one client connection may have open at once"
+    )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="how long a unary call may take to deliver its request message after its headers; then "
+        "DEADLINE_EXCEEDED, so calls that send headers and stall cannot hold slots",
+    )
+    memory_budget_mb: int = Field(
+        0,
+        ge=0,
+        description="bytes (MiB) that requests in progress may hold (message, batch, output, answer, weights); "
+        "beyond it new requests get RESOURCE_EXHAUSTED, and calls at once are capped at budget / "
+        "max_message_bytes; 0 = auto: half of the cgroup's memory limit (memory.max), else of physical memory",
     )
     max_seq_len: int = Field(0, ge=0, description="longest sequence accepted; 0 = the model's max_seq_len")
     max_weights_seq_len: int = Field(
@@ -121,6 +152,9 @@ class Settings(BaseSettings):
 
     keepalive_time_s: float = Field(30.0, gt=0, description="server keepalive ping interval")
     keepalive_timeout_s: float = Field(10.0, gt=0, description="close a connection whose ping goes unanswered")
+    max_connection_idle_s: float = Field(
+        300.0, gt=0, description="close a client connection that has had no call for this long (GOAWAY)"
+    )
     max_connection_age_s: float = Field(
         0.0,
         ge=0,

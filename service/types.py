@@ -24,6 +24,7 @@ class AttentionRequest:
     output_dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() by which the answer is due
+    wire_bytes: int = 0  # size of the request message it came in (its tensors are views of it), for the budget
 
     @property
     def batch_size(self) -> int:

@@ -11,10 +11,12 @@ from service._pb.inference import grpc_service_pb2 as pb
 from service._pb.inference import grpc_service_pb2_grpc as pb_grpc
 from service.api import kserve_codec as codec
 from service.api.deadlines import deadline_of
+from service.api.gate import Undecodable
 from service.api.status import grpc_errors, status_of
 from service.api.streams import answer_each
 from service.dataplane import DataPlane
 from service.engine import Engine
+from service.limits import fits_name
 from service.observe import Observer
 from service.settings import Settings
 
@@ -93,23 +95,28 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterable[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def answer(request: pb.ModelInferRequest | Undecodable) -> pb.ModelStreamInferResponse:
             try:
                 return pb.ModelStreamInferResponse(
                     infer_response=await self._infer(request, context, "ModelStreamInfer")
                 )
             except Exception as error:  # a bad request ends its own answer, not the stream
                 _, message = status_of(error)
-                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                failed = pb.ModelInferResponse()
+                if not isinstance(request, Undecodable):  # echo what identifies it, unless it is too long to
+                    failed.model_name = request.model_name if fits_name(request.model_name) else ""
+                    failed.id = request.id if fits_name(request.id) else ""
                 return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
-        async for response in answer_each(request_iterator, answer):
+        async for response in answer_each(request_iterator, answer, self.settings.max_stream_pending):
             yield response
 
     async def _infer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, method: str
+        self, request: pb.ModelInferRequest | Undecodable, context: grpc.aio.ServicerContext, method: str
     ) -> pb.ModelInferResponse:
         with self.observer.observe("kserve", method) as seen:
+            if isinstance(request, Undecodable):
+                raise request.error
             call = codec.infer_request_from_pb(request, self.name)
             call.request.deadline = deadline_of(context)
             seen.request = call.request

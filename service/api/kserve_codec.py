@@ -11,7 +11,8 @@ from service._pb.inference import model_config_pb2 as config_pb
 from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape, dtype_name
 from service.batching import BatchPolicy
 from service.engine import INPUT, MASK, OUTPUT, WEIGHTS_OUTPUT
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound, shown
+from service.limits import check_count, check_name
 from service.stats import Duration, ModelStats
 from service.types import AttentionRequest, AttentionResult, WeightsSpec
 
@@ -20,6 +21,8 @@ PLATFORM = "onnxruntime_onnx"
 HIDDEN_DTYPES = ("FP32",)
 MASK_DTYPES = ("INT32", "INT64", "BOOL")
 OUTPUT_NAMES = (OUTPUT, WEIGHTS_OUTPUT)
+INPUT_NAMES = (INPUT, MASK)
+MAX_PARAMETERS = 64  # per request and per tensor; we read none, but a map of millions still costs to decode
 # The typed InferTensorContents field of each datatype we accept.
 TYPED_CONTENTS = {"FP32": "fp32_contents", "INT32": "int_contents", "INT64": "int64_contents", "BOOL": "bool_contents"}
 
@@ -27,9 +30,9 @@ TYPED_CONTENTS = {"FP32": "fp32_contents", "INT32": "int_contents", "INT64": "in
 def check_model(name: str, version: str, served: str) -> None:
     """NotFound unless (name, version) is the served model; an empty version means the latest."""
     if name != served:
-        raise NotFound(f"model {name!r} not found; this server serves {served!r}")
+        raise NotFound(f"model {shown(name)} not found; this server serves {served!r}")
     if version not in ("", MODEL_VERSION):
-        raise NotFound(f"model {served!r} version {version!r} not found; available versions: [{MODEL_VERSION!r}]")
+        raise NotFound(f"model {served!r} version {shown(version)} not found; available versions: [{MODEL_VERSION!r}]")
 
 
 @dataclass
@@ -41,9 +44,9 @@ class InferCall:
 def _input_array(
     tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, allowed: tuple[str, ...], names: tuple[str, ...]
 ) -> np.ndarray:
-    field = f"input {tensor.name!r}"
+    field = f"input {shown(tensor.name)}"
     if tensor.datatype not in allowed:
-        raise InvalidInput(f"{field}: datatype {tensor.datatype!r}; allowed {', '.join(allowed)}")
+        raise InvalidInput(f"{field}: datatype {shown(tensor.datatype)}; allowed {', '.join(allowed)}")
     dtype = WIRE_DTYPES[tensor.datatype]
     shape = check_shape(field, tensor.shape, names)
     if raw is not None:
@@ -63,6 +66,12 @@ def _input_array(
 def infer_request_from_pb(message: pb.ModelInferRequest, served: str) -> InferCall:
     """Decode and check the envelope; the core checks the values against the model's limits."""
     check_model(message.model_name, message.model_version, served)
+    check_name("id", message.id)
+    # Counted before anything iterates them: a repeated field can carry a million entries.
+    check_count("inputs", len(message.inputs), len(INPUT_NAMES))
+    check_count("outputs", len(message.outputs), len(OUTPUT_NAMES))
+    check_count("raw_input_contents", len(message.raw_input_contents), len(INPUT_NAMES))
+    check_count("parameters", len(message.parameters), MAX_PARAMETERS)
     raws = list(message.raw_input_contents)
     if raws and len(raws) != len(message.inputs):
         raise InvalidInput(
@@ -70,15 +79,16 @@ def infer_request_from_pb(message: pb.ModelInferRequest, served: str) -> InferCa
         )
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(message.inputs):
+        check_count(f"input {shown(tensor.name)} parameters", len(tensor.parameters), MAX_PARAMETERS)
         if tensor.name in arrays:
-            raise InvalidInput(f"input {tensor.name!r} given twice; each input at most once")
+            raise InvalidInput(f"input {shown(tensor.name)} given twice; each input at most once")
         raw = raws[index] if raws else None
         if tensor.name == INPUT:
             arrays[INPUT] = _input_array(tensor, raw, HIDDEN_DTYPES, ("batch", "seq", "d_model"))
         elif tensor.name == MASK:
             arrays[MASK] = _input_array(tensor, raw, MASK_DTYPES, ("batch", "seq"))
         else:
-            raise InvalidInput(f"input {tensor.name!r} is unknown; inputs are {INPUT!r} and optional {MASK!r}")
+            raise InvalidInput(f"input {shown(tensor.name)} is unknown; inputs are {INPUT!r} and optional {MASK!r}")
     if INPUT not in arrays:
         raise InvalidInput(f"input {INPUT!r} is missing; it is required (FP32 [batch, seq, d_model])")
 
@@ -86,12 +96,14 @@ def infer_request_from_pb(message: pb.ModelInferRequest, served: str) -> InferCa
     for name in outputs:
         if name not in OUTPUT_NAMES:
             raise InvalidInput(
-                f"requested output {name!r} is unknown; outputs are {', '.join(map(repr, OUTPUT_NAMES))}"
+                f"requested output {shown(name)} is unknown; outputs are {', '.join(map(repr, OUTPUT_NAMES))}"
             )
     if len(set(outputs)) != len(outputs):
         raise InvalidInput(f"requested outputs {list(outputs)} name one twice; ask for each at most once")
     weights = WeightsSpec() if WEIGHTS_OUTPUT in outputs else None
-    request = AttentionRequest(arrays[INPUT], arrays.get(MASK), weights, request_id=message.id)
+    request = AttentionRequest(
+        arrays[INPUT], arrays.get(MASK), weights, request_id=message.id, wire_bytes=message.ByteSize()
+    )
     return InferCall(request, outputs)
 
 

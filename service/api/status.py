@@ -31,11 +31,15 @@ def code_of(error: BaseException) -> grpc.StatusCode:
     return next((code for kind, code in STATUS_CODES.items() if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
 
 
+MAX_MESSAGE_CHARS = 1000  # a status message stays under 1 KiB, whatever the client sent
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """(code, message) for any exception; only our own bugs become INTERNAL, and those are logged."""
     code = code_of(error)
     if code != grpc.StatusCode.INTERNAL:
-        return code, str(error)
+        message = str(error)
+        return code, message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 1] + "…"
     log.error("internal error", exc_info=error)
     return code, f"internal error ({type(error).__name__}); the server logged the details"
 

@@ -1,4 +1,4 @@
-"""Bidirectional streams: every request handled concurrently, answered in completion order."""
+"""Bidirectional streams: requests handled concurrently, answered in completion order, with backpressure."""
 
 from __future__ import annotations
 
@@ -12,10 +12,16 @@ _END = object()
 
 
 async def answer_each(
-    requests: AsyncIterable[Request], answer: Callable[[Request], Awaitable[Response]]
+    requests: AsyncIterable[Request], answer: Callable[[Request], Awaitable[Response]], max_pending: int
 ) -> AsyncIterator[Response]:
-    """Yield answer(r) for every r as soon as it is ready; `answer` must turn its errors into responses."""
+    """Yield answer(r) for every r as soon as it is ready; `answer` must turn its errors into responses.
+
+    At most max_pending answers are computing or waiting to be sent: the next request is read only when one of
+    them has gone out. gRPC resumes this generator after the previous answer was handed to the transport, and
+    the transport holds it while the client's flow-control window is closed, so a client that stops reading
+    stops the reading of its requests, and the server holds at most max_pending answers for it."""
     done: asyncio.Queue[object] = asyncio.Queue()
+    slots = asyncio.Semaphore(max_pending)
     pending: set[asyncio.Task[None]] = set()  # answered tasks leave it: a long stream holds no history
 
     async def run(request: Request) -> None:
@@ -23,7 +29,13 @@ async def answer_each(
 
     async def read() -> None:
         try:
-            async for request in requests:
+            iterator = aiter(requests)
+            while True:
+                await slots.acquire()
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    break
                 task = asyncio.create_task(run(request))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -35,6 +47,7 @@ async def answer_each(
     try:
         while (item := await done.get()) is not _END:
             yield item  # type: ignore[misc]
+            slots.release()  # resumed: that answer went out
         reader.result()  # re-raise a broken request stream
     finally:
         reader.cancel()

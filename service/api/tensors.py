@@ -20,13 +20,15 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 # gRPC messages stay under 2 GiB, so no tensor that can arrive has more elements; larger shapes (possible only
 # with a zero dimension beside them) are refused before numpy is asked to make them and overflows.
 MAX_ELEMENTS = 2**31
+MAX_SHOWN_RANK = 8  # a wrong shape is quoted in the error up to this many dimensions
 
 
 def check_shape(field: str, shape: Sequence[int], names: Sequence[str]) -> tuple[int, ...]:
     """The shape as a tuple, if it has one non-negative dimension per name."""
+    if len(shape) != len(names):  # counted before it is read: a shape may carry a million dimensions
+        seen = f"shape {[int(d) for d in shape]}" if len(shape) <= MAX_SHOWN_RANK else "shape"
+        raise InvalidInput(f"{field}: {seen} has rank {len(shape)}; expected [{', '.join(names)}]")
     dims = tuple(int(d) for d in shape)
-    if len(dims) != len(names):
-        raise InvalidInput(f"{field}: shape {list(dims)} has rank {len(dims)}; expected [{', '.join(names)}]")
     if any(d < 0 for d in dims):
         raise InvalidInput(f"{field}: shape {list(dims)} has a negative dimension; dimensions must be ≥ 0")
     if math.prod(d for d in dims if d) > MAX_ELEMENTS:

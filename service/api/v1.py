@@ -10,16 +10,21 @@ from service._pb.attnserve.v1 import attention_pb2 as pb
 from service._pb.attnserve.v1 import attention_pb2_grpc as pb_grpc
 from service.api import v1_codec as codec
 from service.api.deadlines import deadline_of
+from service.api.gate import Undecodable
 from service.api.kserve_codec import MODEL_VERSION
 from service.api.status import grpc_errors, status_of
 from service.api.streams import answer_each
 from service.dataplane import DataPlane
 from service.engine import Engine
+from service.limits import fits_name
 from service.observe import Observer
 
 
 class AttentionServicer(pb_grpc.AttentionServiceServicer):
-    def __init__(self, dataplane: DataPlane, engine: Engine, model_name: str, observer: Observer) -> None:
+    def __init__(
+        self, dataplane: DataPlane, engine: Engine, model_name: str, observer: Observer, max_stream_pending: int
+    ) -> None:
+        self.max_stream_pending = max_stream_pending
         self.dataplane = dataplane
         self.observer = observer
         self.engine = engine
@@ -32,15 +37,17 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     async def AttendStream(
         self, request_iterator: AsyncIterable[pb.AttendRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AttendStreamResponse]:
-        async def answer(request: pb.AttendRequest) -> pb.AttendStreamResponse:
+        async def answer(request: pb.AttendRequest | Undecodable) -> pb.AttendStreamResponse:
+            # The answer carries the request's id, unless it is too long to echo (an error says so).
+            id_ = "" if isinstance(request, Undecodable) or not fits_name(request.id) else request.id
             try:
                 response = await self._attend(request, context, "AttendStream")
-                return pb.AttendStreamResponse(id=request.id, response=response)
+                return pb.AttendStreamResponse(id=id_, response=response)
             except Exception as error:  # a bad request ends its own answer, not the stream
                 code, message = status_of(error)
-                return pb.AttendStreamResponse(id=request.id, error=pb.Error(code=code.value[0], message=message))
+                return pb.AttendStreamResponse(id=id_, error=pb.Error(code=code.value[0], message=message))
 
-        async for response in answer_each(request_iterator, answer):
+        async for response in answer_each(request_iterator, answer, self.max_stream_pending):
             yield response
 
     @grpc_errors
@@ -48,9 +55,11 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
         return codec.model_info_to_pb(self.model_name, MODEL_VERSION, self.engine, self.dataplane.limits)
 
     async def _attend(
-        self, request: pb.AttendRequest, context: grpc.aio.ServicerContext, method: str
+        self, request: pb.AttendRequest | Undecodable, context: grpc.aio.ServicerContext, method: str
     ) -> pb.AttendResponse:
         with self.observer.observe("v1", method) as seen:
+            if isinstance(request, Undecodable):
+                raise request.error
             core_request = codec.attend_request_from_pb(request)
             core_request.deadline = deadline_of(context)
             seen.request = core_request

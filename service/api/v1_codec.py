@@ -10,7 +10,7 @@ from service import __version__
 from service._pb.attnserve.v1 import attention_pb2 as pb
 from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape
 from service.errors import InvalidInput
-from service.limits import Limits
+from service.limits import Limits, check_count, check_name
 from service.types import AttentionRequest, AttentionResult, WeightsSpec
 
 if TYPE_CHECKING:  # the client imports this module and needs no onnxruntime
@@ -51,6 +51,7 @@ def tensor_from_pb(field: str, tensor: pb.Tensor, names: tuple[str, ...], allowe
 
 
 def attend_request_from_pb(message: pb.AttendRequest) -> AttentionRequest:
+    check_name("id", message.id)
     if not message.HasField("hidden_states"):
         raise InvalidInput("hidden_states: missing; send a Tensor [batch, seq, d_model] of FP32 or FP16")
     x = tensor_from_pb("hidden_states", message.hidden_states, ("batch", "seq", "d_model"), HIDDEN_DTYPES)
@@ -60,9 +61,11 @@ def attend_request_from_pb(message: pb.AttendRequest) -> AttentionRequest:
     batch, seq, _ = x.shape
     mask = None
     if message.lengths:
+        if len(message.lengths) != batch:  # counted before reading: it may carry a million entries
+            raise InvalidInput(
+                f"lengths: {len(message.lengths)} entries for batch {batch}; give one per sequence or none"
+            )
         lengths = np.asarray(message.lengths, dtype=np.int64)
-        if lengths.shape[0] != batch:
-            raise InvalidInput(f"lengths: {lengths.shape[0]} entries for batch {batch}; give one per sequence or none")
         if (lengths > seq).any():
             index = int(np.argmax(lengths > seq))
             raise InvalidInput(f"lengths[{index}]: {int(lengths[index])}; allowed 0..{seq} (the sequence length)")
@@ -73,9 +76,12 @@ def attend_request_from_pb(message: pb.AttendRequest) -> AttentionRequest:
     weights = None
     if message.HasField("weights"):
         spec = message.weights
+        check_count("weights.positions", len(spec.positions), seq)  # each position at most once
         positions = tuple(int(p) for p in spec.positions) or None
         weights = WeightsSpec(positions, spec.average_heads, int(spec.top_k))
-    return AttentionRequest(x, mask, weights, output_dtype=output_dtype, request_id=message.id)
+    return AttentionRequest(
+        x, mask, weights, output_dtype=output_dtype, request_id=message.id, wire_bytes=message.ByteSize()
+    )
 
 
 def attend_response_to_pb(request: AttentionRequest, result: AttentionResult) -> pb.AttendResponse:

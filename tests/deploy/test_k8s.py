@@ -5,7 +5,8 @@ offline against the bundled schemas of the oldest Kubernetes we support (1.30: n
 newest it knows. It only warns about kinds it has no schema for, so the test requires those warnings to name
 exactly the prometheus-operator kinds, which are checked here by structure instead. The rest ties the
 manifests to the service: probes speak gRPC health on the gRPC port, the pod outlives the drain, every
-ConfigMap key is a real setting with a valid value, and the monitoring matches deploy/prometheus.
+ConfigMap key is a real setting with a valid value, the NetworkPolicy lets only the pods' namespace reach gRPC
+and only the monitoring namespace reach /metrics, and the monitoring matches deploy/prometheus.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ K8S_VERSIONS = ("1.30.0", "1.37.0")
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # prometheus-operator's: no schema in kubernetes-validate
 SERVER_STOP_S = 1.0  # AttnServer.stop: server.stop(grace=1.0) after the drain
 PREFIX = "ATTNSERVE_"
+NAMESPACE = "attnserve"  # where the READMEs apply the overlays (-n attnserve)
 
 Obj = dict[str, Any]
 
@@ -252,6 +254,119 @@ def test_disruption_budget_covers_the_pods(docs: list[Obj]) -> None:
     pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert selects(pdb["selector"]["matchLabels"], pod_labels)
     assert pdb["maxUnavailable"] == 1
+
+
+# --- network policy ---------------------------------------------------------------------------------------
+
+
+def monitoring_namespace() -> str:
+    """The namespace k8s/README.md installs kube-prometheus-stack into: the one the policy must admit."""
+    match = re.search(r"helm upgrade --install kube-prometheus-stack \S+ -n (\S+)", (K8S / "README.md").read_text())
+    assert match, "k8s/README.md: no kube-prometheus-stack install line"
+    return match.group(1)
+
+
+def matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions); {} selects everything."""
+    if not selects(selector.get("matchLabels", {}), labels):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        found = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not found:
+            return False
+    return True
+
+
+def peer_admits(peer: Obj, namespace: str, pod_labels: Mapping[str, str]) -> bool:
+    """Whether one `from` entry admits a pod with these labels in this namespace."""
+    if "ipBlock" in peer:
+        return True  # pod IPs may fall in any block: count it as admitting everyone
+    namespace_labels = {"kubernetes.io/metadata.name": namespace}  # on every namespace since Kubernetes 1.22
+    if "namespaceSelector" in peer:
+        if not matches(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif namespace != NAMESPACE:
+        return False  # a podSelector alone selects pods of the policy's own namespace
+    return matches(peer.get("podSelector", {}), pod_labels)
+
+
+def rule_port_opens(rule_port: Obj, name: str, number: int) -> bool:
+    """Whether one NetworkPolicyPort covers the TCP container port of this name and number."""
+    if rule_port.get("protocol", "TCP") != "TCP":
+        return False
+    if "port" not in rule_port or rule_port["port"] in (name, number):
+        return True  # no port: every port of the protocol
+    value = rule_port["port"]
+    return isinstance(value, int) and value <= number <= rule_port.get("endPort", value)
+
+
+def ingress_allowed(policy: Obj, c: Obj, port_name: str, namespace: str, pod_labels: Mapping[str, str]) -> bool:
+    """Whether the policy lets such a pod reach the container port of this name (NetworkPolicy semantics)."""
+    number = port(c, port_name)
+    for rule in policy["spec"].get("ingress", []):
+        opens = any(rule_port_opens(p, port_name, number) for p in rule.get("ports") or [{}])  # none: every port
+        peers = rule.get("from") or [{"ipBlock": "any"}]  # no peers: every source
+        if opens and any(peer_admits(peer, namespace, pod_labels) for peer in peers):
+            return True
+    return False
+
+
+def test_network_policy_selects_the_pods_and_restricts_ingress(docs: list[Obj]) -> None:
+    policy = one(docs, "NetworkPolicy")
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    deployment = one(docs, "Deployment")["spec"]
+    selector = policy["spec"]["podSelector"]
+    assert matches(selector, deployment["template"]["metadata"]["labels"]), "the policy misses the attnserve pods"
+    # The Deployment's own selector, no wider: {} would lock down every other pod of the namespace too.
+    assert selector == {"matchLabels": deployment["selector"]["matchLabels"]}
+    assert policy["spec"]["policyTypes"] == ["Ingress"], "egress is left open (the model may be fetched at start)"
+
+
+def test_network_policy_names_ports_the_container_has(docs: list[Obj]) -> None:
+    c = container(docs)
+    opened = [p for rule in one(docs, "NetworkPolicy")["spec"]["ingress"] for p in rule.get("ports", [])]
+    assert opened, "a rule without ports opens every port"
+    for p in opened:
+        assert isinstance(p["port"], str), f"{p}: name the port, so the policy follows the container's number"
+        assert port(c, p["port"]) and p.get("protocol", "TCP") == "TCP" and "endPort" not in p, p
+    assert sorted(p["port"] for p in opened) == sorted(p["name"] for p in c["ports"]), "one rule per served port"
+
+
+def test_network_policy_admits_the_namespace_to_grpc_and_monitoring_to_metrics(docs: list[Obj]) -> None:
+    policy = one(docs, "NetworkPolicy")
+    c = container(docs)
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    monitoring = monitoring_namespace()
+    clients = {
+        "a client pod of this namespace": (NAMESPACE, {"app": "client"}),
+        "another attnserve pod": (NAMESPACE, pod_labels),
+        "Prometheus": (monitoring, {"app.kubernetes.io/name": "prometheus"}),
+        "another pod of the monitoring namespace": (monitoring, {"app": "grafana"}),
+        "a pod of another namespace": ("default", {"app": "client"}),
+        "a pod of another namespace with attnserve's labels": ("default", pod_labels),
+        "a pod of a namespace called attnserve-monitoring": ("attnserve-monitoring", {}),
+    }
+    allowed = {
+        (who, name) for who, (ns, labels) in clients.items() for name in ("grpc", "metrics")
+        if ingress_allowed(policy, c, name, ns, labels)
+    }  # fmt: skip
+    assert allowed == {
+        ("a client pod of this namespace", "grpc"),
+        ("another attnserve pod", "grpc"),
+        ("Prometheus", "metrics"),
+        ("another pod of the monitoring namespace", "metrics"),
+    }
+    # What the ServiceMonitor scrapes (its port, through the Service, to the container) is what is opened.
+    (endpoint,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    service_ports = one(docs, "Service", "attnserve")["spec"]["ports"]
+    (target,) = [p["targetPort"] for p in service_ports if p["name"] == endpoint["port"]]
+    assert ingress_allowed(policy, c, target, monitoring, {"app.kubernetes.io/name": "prometheus"})
 
 
 def adapter_rule() -> Obj:

@@ -3,7 +3,7 @@
 No KServe CRD schema is bundled anywhere offline, so an InferenceService is checked by structure: the fields
 KServe and Knative read, and only container fields Knative accepts; the container itself is validated
 against the Kubernetes schema as part of a Pod. Docker is not here either: compose.yaml is parsed and every
-host path, port, dependency and health check is checked against the files it names.
+host path, port, dependency, health check and memory limit is checked against the files it names.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.test_k8s import K8S_VERSIONS, REPO, SERVER_STOP_S, image_problems, setting_problems, settings_from
+from tests.deploy.test_k8s import (
+    K8S_VERSIONS,
+    REPO,
+    SERVER_STOP_S,
+    container,
+    image_problems,
+    rendered,
+    setting_problems,
+    settings_from,
+)
 
 KSERVE = REPO / "deploy" / "kserve"
 DEPLOY = REPO / "deploy"
@@ -97,13 +106,27 @@ def test_inference_service_scales_and_exposes_metrics(isvc_file: str, isvc: Obj)
     assert predictor["enableServiceLinks"] is False
 
 
+def test_inference_service_bounds_calls_per_pod_and_mounts_no_token(isvc: Obj) -> None:
+    predictor = isvc["spec"]["predictor"]
+    settings = settings_from(attnserve_env(predictor_container(isvc)))
+    limit = predictor["containerConcurrency"]
+    assert isinstance(limit, int), f"containerConcurrency {limit!r}"
+    # Knative's hard limit per pod is the service's queue bound: past it the server sheds anyway.
+    assert limit == settings.max_queue_requests, f"containerConcurrency {limit} vs {settings.max_queue_requests}"
+    # Over the soft target, or Knative lowers the target to it; within what gRPC itself admits.
+    assert predictor["scaleTarget"] < limit <= settings.max_concurrent_rpcs
+    assert predictor["automountServiceAccountToken"] is False, "the server never calls the Kubernetes API"
+
+
 def test_inference_service_container_is_a_valid_locked_down_kubernetes_container(isvc_file: str, isvc: Obj) -> None:
     container = predictor_container(isvc)
+    predictor = isvc["spec"]["predictor"]
+    pod_fields = ("enableServiceLinks", "automountServiceAccountToken")
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": isvc["metadata"]["name"]},
-        "spec": {"containers": [container], "enableServiceLinks": isvc["spec"]["predictor"]["enableServiceLinks"]},
+        "spec": {"containers": [container], **{field: predictor[field] for field in pod_fields}},
     }
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(pod, version, strict=True)
@@ -132,6 +155,24 @@ def seconds(duration: str) -> float:
     parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", duration)
     assert parts and duration, f"unreadable duration {duration!r}"
     return int(parts.group(1) or 0) * 60 + float(parts.group(2) or 0)
+
+
+COMPOSE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}  # Docker's and Podman's --memory: binary
+K8S_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def compose_bytes(size: str) -> int:
+    """A compose memory size: 512m, 4g, 1gb."""
+    match = re.fullmatch(r"(\d+)([kmg]?)b?", str(size).lower())
+    assert match, f"unreadable size {size!r}"
+    return int(match.group(1)) * COMPOSE_UNITS[match.group(2)]
+
+
+def k8s_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity: 4Gi, 512Mi, 4G."""
+    match = re.fullmatch(r"(\d+)([a-zA-Z]*)", quantity)
+    assert match and match.group(2) in K8S_UNITS, f"unreadable quantity {quantity!r}"
+    return int(match.group(1)) * K8S_UNITS[match.group(2)]
 
 
 def mounts(service: Obj) -> dict[str, Path]:
@@ -217,3 +258,23 @@ def test_compose_gpu_override_builds_and_runs_cuda() -> None:
     assert settings_from({k: str(v) for k, v in service["environment"].items()}).provider == "cuda"
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+
+
+def overlay_memory_limit(overlay: str) -> int:
+    docs = [doc for doc in yaml.safe_load_all(rendered(overlay)) if doc]
+    return k8s_bytes(container(docs)["resources"]["limits"]["memory"])
+
+
+def test_compose_services_have_memory_limits() -> None:
+    services = compose()["services"]
+    limits = {name: compose_bytes(service["mem_limit"]) for name, service in services.items()}
+    for name, service in services.items():
+        # One way of saying it: with deploy.resources.limits.memory too, compose requires the two to agree.
+        assert "limits" not in service.get("deploy", {}).get("resources", {}), f"{name}: mem_limit only"
+    # The service gets what a pod gets on Kubernetes; the GPU override what a GPU pod gets.
+    assert limits["attnserve"] == overlay_memory_limit("cpu")
+    gpu = yaml.safe_load(COMPOSE_GPU.read_text())["services"]["attnserve"]
+    assert compose_bytes(gpu["mem_limit"]) == overlay_memory_limit("gpu")
+    assert "limits" not in gpu["deploy"]["resources"]
+    for name in ("prometheus", "grafana"):
+        assert 256 * 2**20 <= limits[name] <= limits["attnserve"], f"{name}: mem_limit {services[name]['mem_limit']}"

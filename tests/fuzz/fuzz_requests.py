@@ -38,7 +38,7 @@ from service._pb.inference import grpc_service_pb2 as kserve_pb
 from service.api import kserve_codec, v1_codec
 from service.api.tensors import WIRE_DTYPES
 from service.errors import ServiceError
-from service.limits import Limits, check_finite, check_request
+from service.limits import Limits, check_finite, check_request, weights_answer_bytes
 from service.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings
 from service.types import AttentionRequest
 
@@ -55,7 +55,7 @@ DEFAULT_LIMITS = Limits(
 )
 # Small enough that mutated bytes reach every check, including the output and weights size limits.
 TINY_LIMITS = Limits(
-    d_model=4, num_heads=2, max_seq_len=8, max_batch_size=3, max_weights_seq_len=6, max_message_bytes=192
+    d_model=4, num_heads=2, max_seq_len=8, max_batch_size=3, max_weights_seq_len=6, max_message_bytes=256
 )
 LIMITS = (DEFAULT_LIMITS, TINY_LIMITS)
 
@@ -97,7 +97,7 @@ def check_accepted(request: AttentionRequest, limits: Limits) -> None:
     assert width == limits.d_model and 1 <= seq <= limits.max_seq_len and 1 <= batch <= limits.max_batch_size
     assert np.isfinite(x).all()
     assert request.output_dtype in (np.float32, np.float16)
-    assert x.size * request.output_dtype.itemsize <= limits.max_message_bytes
+    assert x.size * request.output_dtype.itemsize + weights_answer_bytes(request, limits) <= limits.max_message_bytes
     if request.mask is not None:
         assert request.mask.dtype == np.int32 and request.mask.shape == (batch, seq), request.mask.shape
         assert np.isin(request.mask, (0, 1)).all()

@@ -401,7 +401,20 @@ def _(m: Limits):
     if nbytes <= m.max_bytes:
         pytest.skip("this server's message limit holds every weights answer")
     request = v1_request(states(batch, seq, m.d), weights=v1_pb.WeightsRequest())
-    return request, ("attention weights", f"would be {nbytes} bytes", f"max message size {m.max_bytes}")
+    answer = nbytes + batch * seq * m.d * 4  # the output travels in the same answer
+    return request, ("attention weights", f"would be {answer} bytes", f"max message size {m.max_bytes}")
+
+
+@case("v1-output-and-weights-over-message-size", ATTEND)
+def _(m: Limits):
+    # Weights that fit the limit alone, with an output that takes the answer past it: sized before computing.
+    seq = m.max_wseq
+    batch = m.max_bytes // (m.heads * seq * seq * 4)
+    if not 1 <= batch <= m.max_batch:
+        pytest.skip("no batch of this server's weights answer fits the message limit alone")
+    answer = batch * m.heads * seq * seq * 4 + batch * seq * m.d * 4
+    request = v1_request(states(batch, seq, m.d), weights=v1_pb.WeightsRequest())
+    return request, ("output and attention weights", f"would be {answer} bytes", f"max message size {m.max_bytes}")
 
 
 # values

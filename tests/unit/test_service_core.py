@@ -121,9 +121,36 @@ def test_streams_answer_every_request_in_completion_order() -> None:
             await asyncio.sleep(delay)
             return int(delay * 100)
 
-        return [item async for item in answer_each(requests(), answer)]
+        return [item async for item in answer_each(requests(), answer, max_pending=8)]
 
     assert asyncio.run(scenario()) == [0, 2, 5]
+
+
+def test_a_stream_whose_answers_are_not_taken_stops_reading_its_requests() -> None:
+    """Backpressure: with max_pending answers computed and not yet sent, no further request is read."""
+
+    async def scenario() -> list[int]:
+        pulled = 0
+
+        async def requests():
+            nonlocal pulled
+            while True:
+                pulled += 1
+                yield pulled
+
+        async def answer(value: int) -> int:
+            return value
+
+        answers = answer_each(requests(), answer, max_pending=2)
+        seen = [await anext(answers)]  # handed to the transport, not yet sent: its slot is still held
+        await asyncio.sleep(0.05)
+        held = pulled
+        seen.append(await anext(answers))  # the first went out: one more request may be read
+        await asyncio.sleep(0.05)
+        await answers.aclose()
+        return [held, pulled, *seen]
+
+    assert asyncio.run(scenario()) == [2, 3, 1, 2]
 
 
 def test_a_broken_request_stream_is_re_raised_after_the_answers_already_due() -> None:
@@ -135,7 +162,7 @@ def test_a_broken_request_stream_is_re_raised_after_the_answers_already_due() ->
         async def answer(value: int) -> int:
             return value
 
-        return [item async for item in answer_each(requests(), answer)]
+        return [item async for item in answer_each(requests(), answer, max_pending=8)]
 
     with pytest.raises(ConnectionError):
         asyncio.run(scenario())
