@@ -39,7 +39,10 @@ SAMPLE_PERIOD_S = 0.1
 CALLS_BEFORE_BASELINE = 3
 MAX_RELATIVE_L2 = 1e-5
 MIB = 1024 * 1024
-UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+# Every channel of a case gets a connection of its own: grpc shares one between channels of equal target and
+# options, which would put the victim's calls on the attacker's connection (and its per-connection bounds).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+CHANNEL_OPTIONS = [*OWN_CONNECTION, ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -186,7 +189,7 @@ def check_after(server: ServerProcess, model_dir: Path, metadata: Metadata = ())
     x = states((1, 24, D_MODEL), seed=99)
     request = v1_pb.AttendRequest(id="after", hidden_states=tensor_to_pb(x))
     try:
-        with grpc.insecure_channel(server.address, options=UNLIMITED) as channel:
+        with grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
             response = v1_grpc.AttentionServiceStub(channel).Attend(request, timeout=30, metadata=metadata)
     except grpc.RpcError as error:
         return Check("answers correctly afterwards", False, f"{code_name(error)}: {error.details()}"[:300])
@@ -244,7 +247,7 @@ class Victim:
 
     def _run(self) -> None:
         request = v1_pb.AttendRequest(id="victim", hidden_states=tensor_to_pb(self.x))
-        with grpc.insecure_channel(self.address, options=UNLIMITED) as channel:
+        with grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
             attend = v1_grpc.AttentionServiceStub(channel).Attend
             check = health_pb2_grpc.HealthStub(channel).Check
             next_call = next_health = time.monotonic()

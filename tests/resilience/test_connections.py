@@ -24,8 +24,9 @@ from service._pb.inference import grpc_service_pb2 as k_pb
 from service._pb.inference import grpc_service_pb2_grpc as k_grpc
 from service.api.v1_codec import tensor_to_pb
 from tests.resilience.harness import (
+    CHANNEL_OPTIONS,
     D_MODEL,
-    UNLIMITED,
+    OWN_CONNECTION,
     Metadata,
     case,
     check_after,
@@ -78,7 +79,7 @@ def test_streams_never_read(served_model: Path) -> None:
         stop = threading.Event()
         sent: Counter[str] = Counter()
         with watching(server, served_model, abort_above_mib=2 * STREAM_RSS_BOUND_MIB) as watch:
-            channel = grpc.insecure_channel(server.address, options=UNLIMITED)
+            channel = grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS)
             calls = [
                 v1_grpc.AttentionServiceStub(channel).AttendStream(_sender(v1_request, stop, sent, "v1"), timeout=60),
                 k_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
@@ -127,7 +128,7 @@ async def _headers_only(
         return
         yield b""  # an async generator that yields nothing
 
-    opened = [grpc.aio.insecure_channel(address) for _ in range(channels)]
+    opened = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(channels)]
     try:
         methods = [
             ch.stream_unary(ATTEND, request_serializer=identity, response_deserializer=identity) for ch in opened
@@ -152,9 +153,9 @@ async def _headers_only(
     return outcomes
 
 
-async def _watch_streams(address: str, count: int, hold_s: float) -> tuple[Counter[str], int]:
-    """`count` health Watch streams held open for hold_s: the codes of those the server ended, and how many
-    got their first SERVING answer."""
+async def _watch_streams(address: str, count: int, channels: int, hold_s: float) -> tuple[Counter[str], int]:
+    """`count` health Watch streams over `channels` connections, held open for hold_s: the codes of those the
+    server ended, and how many got their first SERVING answer."""
     serving = 0
 
     async def one(method: grpc.aio.UnaryStreamMultiCallable) -> str:
@@ -170,13 +171,20 @@ async def _watch_streams(address: str, count: int, hold_s: float) -> tuple[Count
             return "held"
         return "ended"
 
-    async with grpc.aio.insecure_channel(address) as channel:
-        method = channel.unary_stream(
-            WATCH,
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
-        codes = Counter(await asyncio.gather(*(one(method) for _ in range(count))))
+    opened = [grpc.aio.insecure_channel(address, options=OWN_CONNECTION) for _ in range(channels)]
+    try:
+        methods = [
+            ch.unary_stream(
+                WATCH,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            for ch in opened
+        ]
+        codes = Counter(await asyncio.gather(*(one(methods[i % channels]) for i in range(count))))
+    finally:
+        for ch in opened:
+            await ch.close()
     return codes, serving
 
 
@@ -189,9 +197,9 @@ def _held_figures(outcomes: list[tuple[str, float]]) -> dict[str, list[float]]:
 
 def test_calls_held_open(served_model: Path) -> None:
     attack = (
-        f"(a) {HELD_CALLS} unary Attend calls sending headers, never a body, over {HELD_CHANNELS} channels "
+        f"(a) {HELD_CALLS} unary Attend calls sending headers, never a body, over {HELD_CHANNELS} connections "
         f"(--max-concurrent-rpcs 64 --body-timeout-s {BODY_TIMEOUT_S:g}); (b) {WATCH_STREAMS} health Watch streams "
-        f"held open (--max-concurrent-streams {MAX_STREAMS})"
+        f"held open over {HELD_CHANNELS} connections (--max-concurrent-streams {MAX_STREAMS})"
     )
     with case("calls_held_open", attack) as result:
         flags = ("--max-concurrent-rpcs", "64", "--body-timeout-s", str(BODY_TIMEOUT_S))
@@ -221,7 +229,7 @@ def test_calls_held_open(served_model: Path) -> None:
 
         with running(served_model, "--max-concurrent-streams", str(MAX_STREAMS)) as server:
             with watching(server, served_model, abort_above_mib=1024) as watch:
-                codes, serving = asyncio.run(_watch_streams(server.address, WATCH_STREAMS, hold_s=3.0))
+                codes, serving = asyncio.run(_watch_streams(server.address, WATCH_STREAMS, HELD_CHANNELS, hold_s=3.0))
             observe(result, watch, 100, part="(b)")
             result.checks.append(check_after(server, served_model))
         result.codes.update({f"(b) {code}": n for code, n in codes.items()})
@@ -242,11 +250,14 @@ TOKEN = "secret"
 
 
 def test_unauthenticated_body_refused(served_model: Path) -> None:
-    attack = f"{UNAUTHENTICATED_CALLS} Attend calls without a token, headers only, never a body; --auth-token secret"
+    attack = (
+        f"{UNAUTHENTICATED_CALLS} Attend calls without a token over {HELD_CHANNELS} connections, headers only, never "
+        "a body; --auth-token secret"
+    )
     with case("unauthenticated_body_refused", attack) as result, running(served_model, "--auth-token", TOKEN) as server:
         metadata = (("authorization", f"Bearer {TOKEN}"),)
         with watching(server, served_model, metadata=metadata, abort_above_mib=1024) as watch:
-            outcomes = asyncio.run(_headers_only(server.address, UNAUTHENTICATED_CALLS, 1, hold_s=5.0))
+            outcomes = asyncio.run(_headers_only(server.address, UNAUTHENTICATED_CALLS, HELD_CHANNELS, hold_s=5.0))
         observe(result, watch, 100)
         result.checks.append(check_after(server, served_model, metadata))
         by_code = _held_figures(outcomes)

@@ -18,9 +18,9 @@ from service._pb.inference import grpc_service_pb2 as k_pb
 from service._pb.inference import grpc_service_pb2_grpc as k_grpc
 from service.api.v1_codec import tensor_to_pb
 from tests.resilience.harness import (
+    CHANNEL_OPTIONS,
     D_MODEL,
     MIB,
-    UNLIMITED,
     case,
     check_after,
     code_name,
@@ -77,7 +77,7 @@ def test_repeated_fields_and_strings(served_model: Path) -> None:
         access_before, log_before = len(server.access_lines), len(server.log_lines)
         with (
             watching(server, served_model, abort_above_mib=1024) as watch,
-            grpc.insecure_channel(server.address, options=UNLIMITED) as channel,
+            grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel,
         ):
             calls: dict[str, Callable[..., Message]] = {
                 "v1": v1_grpc.AttentionServiceStub(channel).Attend,
@@ -137,7 +137,7 @@ def test_undecodable_messages(served_model: Path) -> None:
     with case("undecodable_messages", attack) as result, running(served_model) as server:
         with (
             watching(server, served_model, abort_above_mib=1024) as watch,
-            grpc.insecure_channel(server.address, options=UNLIMITED) as channel,
+            grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel,
         ):
             invalid_before = server.metric("attnserve_requests_total", code=INVALID_ARGUMENT)
             attend = channel.unary_unary(
@@ -213,7 +213,7 @@ def test_output_overflow(served_model: Path) -> None:
     with case("output_overflow", attack) as result, running(served_model) as server:
         with (
             watching(server, served_model, abort_above_mib=1024) as watch,
-            grpc.insecure_channel(server.address, options=UNLIMITED) as channel,
+            grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel,
         ):
             v1 = v1_grpc.AttentionServiceStub(channel)
             k = k_grpc.GRPCInferenceServiceStub(channel)
