@@ -96,9 +96,13 @@ def build_mha_graph(
     split = g.const("qkv_split", np.array([d_model] * 3, np.int64))
     g.nodes.append(helper.make_node("Split", [qkv, split], ["q", "k", "v"], axis=2))
     mha_inputs = ["q", "k", "v", g.const("qkv_bias", b_qkv)] + ([MASK] if masked else [])
+    # Masked keys get the dtype's lowest score, not the op's default of -10000: scores beyond 1e4 (inputs of scale
+    # ~300) would otherwise let padded keys through, and a request padded in a batch would differ from it alone.
+    lowest = float(np.finfo(g.dtype).min)
     z = g.node(
-        "MultiHeadAttention", mha_inputs, "z", domain="com.microsoft", num_heads=num_heads, unidirectional=int(causal)
-    )
+        "MultiHeadAttention", mha_inputs, "z", domain="com.microsoft", num_heads=num_heads,
+        unidirectional=int(causal), mask_filter_value=lowest,
+    )  # fmt: skip
     g.project_out(z, weights, masked)
     return g.model("attnserve_mha", d_model, masked, {"": 18, "com.microsoft": 1}, ORT_IR_VERSION)
 

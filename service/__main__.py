@@ -9,18 +9,17 @@ import sys
 
 from pydantic import ValidationError
 
-from service.errors import ListenError, ModelDirectoryError, ProviderError
+from service.errors import ListenError, ModelDirectoryError, ProviderError, SettingsError
 from service.memory import keep_freed_memory
-from service.settings import parse_settings
+from service.settings import Secrets, Settings, parse_settings, read_secrets
 
 
-async def serve(argv: list[str] | None = None) -> int:
+async def serve(settings: Settings, secrets: Secrets) -> int:
     from service.server import AttnServer  # after logging is configured
 
-    settings = parse_settings(argv)
     if settings.keep_freed_memory:
         keep_freed_memory()
-    server = AttnServer(settings)
+    server = AttnServer(settings, secrets)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -38,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(argv)
         logging.getLogger().setLevel(settings.log_level.upper())
-        return asyncio.run(serve(argv))
-    except ValidationError as e:
+        # Token and TLS files are read here, once, before the model loads, and the server uses these bytes.
+        # An unusable one is a bad setting (exit 2), TLS files included: like the token file, the fix is the
+        # file a setting names; exit 1 stays for failures found while starting (model, provider, ports).
+        secrets = read_secrets(settings)
+        return asyncio.run(serve(settings, secrets))
+    except (ValidationError, SettingsError) as e:
         print(f"attnserve: bad settings: {e}", file=sys.stderr)
         return 2
     except (ModelDirectoryError, ProviderError, ListenError) as e:

@@ -29,7 +29,7 @@ import onnxruntime as ort
 from service.batching import Batch, BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
 from service.engine import Engine
 from service.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
-from service.limits import check_finite, weights_rows_per_run
+from service.limits import check_finite, check_output, weights_rows_per_run
 from service.metrics import Metrics, NullMetrics
 from service.stats import ModelStats
 from service.thread_priority import lower_this_thread
@@ -235,18 +235,30 @@ class Batcher:
     # On an engine thread.
 
     def _compute(self, run: Run) -> Computed | None:
-        """Check each member's values, pad the valid ones into one batch, run it."""
-        valid = []
+        """Check each member's values, pad the valid ones into one batch, run it, check each member's answer."""
+        valid, indices = [], []  # the members that run, and their indices in run.members
         for index, waiting in enumerate(run.members):
             try:
                 check_finite(waiting.request.hidden_states)
                 valid.append(waiting)
+                indices.append(index)
             except ServiceError as error:  # one bad request fails alone, not its batch
                 run.failed[index] = error
         if not valid:
             return None
         batch = run.batch = assemble(valid)
-        spec = valid[0].request.weights
+        computed = self._run(batch, run)
+        # Finite input can still overflow (float32 inside attention, or FP16 on the way back): such a member fails
+        # alone, here on the engine thread; _finish answers the failed first, and _answer skips them.
+        for index, waiting, part in zip(indices, valid, batch.split(computed.output), strict=True):
+            try:
+                check_output(waiting.request, part)
+            except ServiceError as error:
+                run.failed[index] = error
+        return computed
+
+    def _run(self, batch: Batch, run: Run) -> Computed:
+        spec = batch.members[0].request.weights
         if run.narrow:
             ran = self.engine.run(batch.hidden_states, batch.mask, False, narrow=True, options=run.options)
             return Computed(ran.output, None, ran.graph, ran.compute_s)

@@ -57,7 +57,7 @@ def choose_provider(requested: str, probe: Graph) -> tuple[str, str]:
     else:
         ort.set_default_logger_severity(4)  # the fallback is reported below in one line, not ORT's ten
         try:
-            session = ort.InferenceSession(str(probe.path), providers=[CUDA_EP, CPU_EP])
+            session = ort.InferenceSession(probe.model, providers=[CUDA_EP, CPU_EP])
             if session.get_providers()[0] == CUDA_EP:
                 return "cuda", f"a session on {CUDA_EP} initialised"
             reason = f"{CUDA_EP} is offered but a session on it fell back to CPU (no GPU, driver or CUDA libraries)"
@@ -101,7 +101,8 @@ class Engine:
         # Spinning threads burn the cores that gRPC and the other requests need; measured in bench/serve_bench.py.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        return {g.name: ort.InferenceSession(str(g.path), options, providers=self._providers) for g in graphs}
+        # From the bytes the model directory hashed, never the path again: the file may have changed since.
+        return {g.name: ort.InferenceSession(g.model, options, providers=self._providers) for g in graphs}
 
     def _graphs_up_to(self, max_seq: int) -> list[Graph]:
         """The output graphs that can serve sequences of length ≤ max_seq (none when max_seq is 0)."""

@@ -44,6 +44,10 @@ class Unauthenticated(ServiceError):
     """Missing or wrong credentials."""
 
 
+class SettingsError(Exception):
+    """A setting names something unusable: an empty token, a file that cannot be read (a start-up failure)."""
+
+
 class ModelDirectoryError(Exception):
     """The model directory is missing, malformed or does not match its config.json (a start-up failure)."""
 

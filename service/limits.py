@@ -106,6 +106,30 @@ def check_finite(hidden_states: np.ndarray) -> None:
         raise InvalidInput(f"hidden_states: non-finite value (NaN or Inf) at index {bad}; only finite values allowed")
 
 
+# The largest finite FP16 value (65504): a larger float32 output would become inf when cast for an FP16 answer.
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def check_output(request: AttentionRequest, output: np.ndarray) -> None:
+    """Refuse an answer that finite input overflowed: with values large enough (about 1e19 for the default
+    model), Q·Kᵀ leaves float32 and the softmax gives NaN; an FP16 answer also needs every value within FP16's
+    range. `output`: this request's own rows of its batch's output. One isfinite pass, on the engine thread;
+    the FP16 range only for FP16 answers."""
+    if not np.isfinite(output).all():
+        largest = float(np.abs(request.hidden_states).max())  # only when refusing: the message's figure
+        raise InvalidInput(
+            f"hidden_states: the attention output is not finite (float32 overflow: largest |value| in the input "
+            f"is {largest:.3g}); only inputs whose attention stays within float32 are served: scale the input down"
+        )
+    if request.output_dtype == np.float16:
+        peak = max(float(output.max()), -float(output.min()))  # no temporary array, unlike np.abs
+        if peak > FP16_MAX:
+            raise InvalidInput(
+                f"hidden_states: the attention output reaches |value| {peak:.3g}, beyond FP16's largest {FP16_MAX:g}, "
+                "so the FP16 answer would hold inf; send FP32, or scale the input down"
+            )
+
+
 def _check_mask(mask: np.ndarray, batch: int, seq: int) -> None:
     if mask.shape != (batch, seq):
         raise InvalidInput(f"attention_mask: shape {list(mask.shape)}; must be [batch, seq] = [{batch}, {seq}]")

@@ -14,17 +14,16 @@ against.
 from __future__ import annotations
 
 import platform
-import threading
 from collections.abc import Callable, Sequence
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from service import __version__
 from service.fast_metrics import FastCounter, FastHistogram
+from service.metrics_http import MetricsHTTPServer
 from service.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
 
 # 50 µs … 30 s: a 16-token request on a GPU to a 4096-token batch on a small CPU.
@@ -100,8 +99,7 @@ class Metrics:
         )  # fmt: skip
         self.build_info = Gauge("attnserve_build_info", "attnserve build (value 1)", ["version", "python"], registry=r)
         self.build_info.labels(__version__, platform.python_version()).set(1)
-        self._http: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._http: MetricsHTTPServer | None = None
 
     def seq_bucket(self, seq: int | None) -> str:
         return NO_SEQ if seq is None else seq_bucket(seq, self.seq_buckets)
@@ -141,14 +139,16 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
 
     def serve(self, host: str, port: int) -> int:
-        """Start /metrics in a thread of its own; returns the port (port 0 picks a free one)."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http.server_port)
+        """Start /metrics in a thread of its own (service/metrics_http.py); the port (port 0 picks a free one)."""
+        http = MetricsHTTPServer(self.registry)
+        port = http.serve(host, port)
+        self._http = http
+        return port
 
     def close(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
+            self._http = None
 
 
 class NullMetrics(Metrics):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from service.errors import ModelDirectoryError
@@ -20,10 +20,13 @@ PROVIDERS = ("cpu", "cuda")
 @dataclass(frozen=True)
 class Graph:
     name: str
-    path: Path
+    path: Path  # where it was read from: for messages; sessions are built from `model`
     form: str
     masked: bool
     outputs: tuple[str, ...]
+    # The serialized ONNX model, read once and (with verify) the very bytes whose sha256 was checked, so a file
+    # swapped after the check is never served. Kept out of repr and comparisons: a few MB each.
+    model: bytes = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def _require(config: dict, key: str, kind: type) -> object:
     return config[key]
 
 
-def _routes(raw: object, graphs: dict[str, Graph], where: str) -> tuple[Route, ...]:
+def _routes(raw: object, graphs: dict, where: str) -> tuple[Route, ...]:
     if not isinstance(raw, list) or not raw:
         raise ModelDirectoryError(f"config.json: {where} must be a non-empty list of {{up_to, graph}}")
     routes = tuple(Route(int(entry["up_to"]), str(entry["graph"])) for entry in raw)
@@ -88,8 +91,33 @@ def _routes(raw: object, graphs: dict[str, Graph], where: str) -> tuple[Route, .
     return routes
 
 
+def _read_files(path: Path, files: dict, graph_files: set[str], verify: bool) -> dict[str, bytes]:
+    """The graph files' bytes. Each is read once, hashed and later handed to onnxruntime as the same bytes, so a
+    file changed after the check is never served. The others (weights.npz) are only hashed, streamed: the
+    service never loads them, so they are not kept. Without verify: the graphs are read, nothing compared."""
+    contents: dict[str, bytes] = {}
+    for name, expected in files.items():
+        file = path / name
+        if not verify and name not in graph_files:
+            continue
+        if not file.is_file():
+            raise ModelDirectoryError(f"{file}: listed in config.json but missing")
+        if name in graph_files:
+            try:
+                contents[name] = file.read_bytes()
+            except OSError as e:
+                raise ModelDirectoryError(f"{file}: unreadable ({e.strerror})") from None
+            actual = hashlib.sha256(contents[name]).hexdigest()
+        else:
+            actual = sha256_of(file)
+        if verify and actual != expected:
+            raise ModelDirectoryError(f"{file}: sha256 {actual} differs from config.json's {expected}")
+    return contents
+
+
 def load_model_directory(path: Path, verify: bool = True) -> ModelDirectory:
-    """Parse config.json; with verify, refuse any file whose sha256 differs from the one recorded."""
+    """Parse config.json and read the graphs into memory; with verify, refuse any file whose sha256 differs from
+    the one recorded."""
     path = Path(path)
     config_path = path / "config.json"
     try:
@@ -104,21 +132,11 @@ def load_model_directory(path: Path, verify: bool = True) -> ModelDirectory:
         raise ModelDirectoryError(f"{config_path}: format {config.get('format')!r}, this server reads {FORMAT!r}")
 
     files = _require(config, "files", dict)
-    if verify:
-        for name, expected in files.items():
-            file = path / name
-            if not file.is_file():
-                raise ModelDirectoryError(f"{file}: listed in config.json but missing")
-            actual = sha256_of(file)
-            if actual != expected:
-                raise ModelDirectoryError(f"{file}: sha256 {actual} differs from config.json's {expected}")
-
-    graphs: dict[str, Graph] = {}
-    for name, raw in _require(config, "graphs", dict).items():
+    graphs_raw = _require(config, "graphs", dict)
+    for name, raw in graphs_raw.items():
         if raw["file"] not in files:
             raise ModelDirectoryError(f"config.json: graph {name!r} file {raw['file']!r} has no sha256 in `files`")
-        graphs[name] = Graph(name, path / raw["file"], str(raw["form"]), bool(raw["masked"]), tuple(raw["outputs"]))
-    if WEIGHTS_GRAPH not in graphs:
+    if WEIGHTS_GRAPH not in graphs_raw:
         raise ModelDirectoryError(f"config.json: no `{WEIGHTS_GRAPH}` graph (needed for attention weights)")
 
     routing_raw = _require(config, "routing", dict)
@@ -128,9 +146,23 @@ def load_model_directory(path: Path, verify: bool = True) -> ModelDirectory:
         if not isinstance(table, dict):
             raise ModelDirectoryError(f"config.json: routing.{provider} missing")
         routing[provider] = {
-            masked: _routes(table.get(key), graphs, f"routing.{provider}.{key}")
+            masked: _routes(table.get(key), graphs_raw, f"routing.{provider}.{key}")
             for masked, key in ((False, "unmasked"), (True, "masked"))
         }
+
+    # config.json is sound: now the files, each read once.
+    contents = _read_files(path, files, {raw["file"] for raw in graphs_raw.values()}, verify)
+    graphs = {
+        name: Graph(
+            name,
+            path / raw["file"],
+            str(raw["form"]),
+            bool(raw["masked"]),
+            tuple(raw["outputs"]),
+            contents[raw["file"]],
+        )
+        for name, raw in graphs_raw.items()
+    }
 
     weights = config.get("weights", {})
     detail = {k: v for k, v in weights.items() if k != "kind"}

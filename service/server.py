@@ -28,7 +28,7 @@ from service.memory_limit import memory_budget
 from service.metrics import Metrics, NullMetrics
 from service.model_dir import load_model_directory
 from service.observe import AccessLog, Observer
-from service.settings import Settings
+from service.settings import Secrets, Settings, read_secrets
 from service.thread_priority import call_on_lowered_thread
 
 log = logging.getLogger(__name__)
@@ -80,23 +80,22 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    if settings.tls_cert is None or settings.tls_key is None:
+def _credentials(secrets: Secrets) -> grpc.ServerCredentials | None:
+    if secrets.tls_cert is None or secrets.tls_key is None:
         return None
-    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
     return grpc.ssl_server_credentials(
-        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
+        [(secrets.tls_key, secrets.tls_cert)],
+        root_certificates=secrets.tls_client_ca,
+        require_client_auth=secrets.tls_client_ca is not None,
     )
 
 
-def gate_policy(settings: Settings, budget: int) -> GatePolicy:
+def gate_policy(settings: Settings, budget: int, token: str | None) -> GatePolicy:
     """The call gate's bounds: calls at once are capped so that their messages, each up to max_message_bytes,
     fit the memory budget (a message is read whole before anything of ours can refuse it)."""
     calls = max(1, min(settings.max_concurrent_rpcs, budget // settings.max_message_bytes))
     return GatePolicy(
-        token=settings.bearer_token(),
+        token=token,
         max_calls=calls,
         max_streams=min(settings.max_concurrent_streams, calls),
         body_timeout_s=settings.body_timeout_s,
@@ -139,8 +138,10 @@ def batch_policy(settings: Settings, engine: Engine) -> BatchPolicy:
 class AttnServer:
     """The whole service; `start`, then `drain` (on SIGTERM) or `stop`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, secrets: Secrets | None = None) -> None:
+        """secrets: the token and TLS files as checked at start (read_secrets); None reads them now."""
         self.settings = settings
+        self.secrets = secrets if secrets is not None else read_secrets(settings)
         model = load_model_directory(settings.model_dir)
         self.engine = call_on_lowered_thread(  # onnxruntime's intra-op threads inherit the lowered priority
             lambda: Engine(
@@ -183,7 +184,7 @@ class AttnServer:
         self._flusher: asyncio.Task[None] | None = None
         observer = Observer(self.metrics, self.access_log)
         self.health = health_aio.HealthServicer()
-        policy = gate_policy(settings, budget)
+        policy = gate_policy(settings, budget, self.secrets.token)
         log.info(
             "limits: memory budget %d MiB (%s); at most %d calls at once (%d streaming, %d answers pending per "
             "stream, %d per connection), messages ≤ %d MiB, request message due %g s after the headers",
@@ -222,14 +223,15 @@ class AttnServer:
         for name in HEALTH_NAMES:
             await self.health.set(name, NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.grpc_port}"
-        credentials = _credentials(self.settings)
+        credentials = _credentials(self.secrets)
         try:
             if credentials is None:
                 self.grpc_port = self.server.add_insecure_port(address)
             else:
                 self.grpc_port = self.server.add_secure_port(address, credentials)
-        except RuntimeError as e:  # grpcio's way of saying the port is taken
-            raise ListenError(f"gRPC cannot listen on {address}: {e}") from None
+        except RuntimeError as e:  # grpcio's way of saying the port is taken, or that the TLS files are not
+            hint = "; with TLS, also check that tls_cert and tls_key are a matching PEM certificate and key"
+            raise ListenError(f"gRPC cannot listen on {address}: {e}{hint if credentials else ''}") from None
         if self.health_server is not None:
             health_address = f"{self.settings.host}:{self.settings.health_port}"
             try:
@@ -237,13 +239,12 @@ class AttnServer:
             except RuntimeError as e:
                 raise ListenError(f"health cannot listen on {health_address}: {e}") from None
             await self.health_server.start()
+        metrics_host = self.settings.metrics_host or self.settings.host
         try:
             if self.metrics.enabled:
-                self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+                self.metrics_port = self.metrics.serve(metrics_host, self.settings.metrics_port)
         except OSError as e:
-            raise ListenError(
-                f"metrics cannot listen on {self.settings.host}:{self.settings.metrics_port}: {e}"
-            ) from None
+            raise ListenError(f"metrics cannot listen on {metrics_host}:{self.settings.metrics_port}: {e}") from None
         await self.server.start()
         if self.access_log is not None:
             self._flusher = asyncio.create_task(self.access_log.flush_periodically())

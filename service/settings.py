@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.errors import SettingsError
 from service.seq_buckets import DEFAULT_SEQ_BUCKETS, parse_bounds
 
 # Large enough for batch 8 × seq 2048 × d_model 512 in FP32 (32 MiB) with room for the envelope.
@@ -22,7 +24,7 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(Path("models/attention"), description="model directory written by `python -m model.export`")
     model_name: str = Field("attention", description="model name on the KServe v2 API")
-    host: str = Field("0.0.0.0", description="address the gRPC and metrics servers bind")
+    host: str = Field("0.0.0.0", description="address the gRPC server binds, and the metrics one unless metrics_host")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     reuse_port: bool = Field(
         False,
@@ -37,6 +39,11 @@ class Settings(BaseSettings):
         "no TLS); unset = off",
     )
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)")
+    metrics_host: str = Field(
+        "",
+        description="address the /metrics server binds; empty = host. /metrics is unauthenticated (no TLS, no "
+        "token): bind it to a private address or let only Prometheus reach it (NetworkPolicy)",
+    )
 
     provider: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="onnxruntime execution provider; auto takes CUDA when a session on it initialises"
@@ -198,11 +205,54 @@ class Settings(BaseSettings):
     def seq_bucket_bounds(self) -> tuple[int, ...]:
         return parse_bounds(self.seq_buckets)
 
-    def bearer_token(self) -> str | None:
-        """The token clients must send, read from auth_token_file when set."""
-        if self.auth_token_file is not None:
-            return self.auth_token_file.read_text().strip()
-        return self.auth_token
+
+@dataclass(frozen=True)
+class Secrets:
+    """The bearer token and TLS files, read once at start; the server uses these bytes, never the paths again."""
+
+    token: str | None = None  # None: no auth
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None
+
+
+def _read(setting: str, path: Path, holds: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # missing, a directory, no permission: one line naming the file, not a traceback
+        raise SettingsError(
+            f"{setting} {path}: cannot read it ({e.strerror}); it must be a readable file holding {holds}"
+        ) from None
+    if not data.strip():
+        raise SettingsError(f"{setting} {path}: the file is empty or only whitespace; it must hold {holds}")
+    return data
+
+
+def read_secrets(settings: Settings) -> Secrets:
+    """Read and check every file a security setting names, once. Fails closed: a token that is configured but
+    empty (or only whitespace) would otherwise turn auth off without a word, so it raises SettingsError."""
+    token = settings.auth_token
+    where = "auth_token (--auth-token or ATTNSERVE_AUTH_TOKEN)"
+    if settings.auth_token_file is not None:
+        raw = _read("auth_token_file", settings.auth_token_file, "the bearer token")
+        where = f"auth_token_file {settings.auth_token_file}"
+        try:
+            token = raw.decode().strip()  # editors and `echo` add a newline; no client sends it
+        except UnicodeDecodeError:
+            raise SettingsError(f"{where}: not UTF-8 text; it must hold the bearer token") from None
+    if token is not None and not token.strip():
+        raise SettingsError(
+            f"{where} is set but empty or only whitespace; give the bearer token, or leave it unset to serve "
+            "without auth"
+        )
+    return Secrets(
+        token=None if token is None else token.strip(),  # a Secret's env var often ends in a newline
+        tls_cert=_read("tls_cert", settings.tls_cert, "a PEM certificate") if settings.tls_cert else None,
+        tls_key=_read("tls_key", settings.tls_key, "a PEM private key") if settings.tls_key else None,
+        tls_client_ca=(
+            _read("tls_client_ca", settings.tls_client_ca, "a PEM CA bundle") if settings.tls_client_ca else None
+        ),
+    )
 
 
 def _flag(name: str) -> str:

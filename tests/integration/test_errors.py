@@ -439,6 +439,26 @@ def _(m: Limits):
     return v1_request(v1_tensor(x, v1_pb.FP16)), ("hidden_states", "non-finite", "[0, 0, 3]", "only finite")
 
 
+# Finite values whose attention overflows: Q·Kᵀ past float32 (NaN out), or an FP16 answer past 65504.
+OVERFLOW = ("hidden_states", "output is not finite", "float32 overflow", "largest |value| in the input is 1e+30")
+
+
+@case("kserve-output-overflows-float32", INFER)
+def _(m: Limits):
+    return k_request(k_hidden(np.full((1, 3, m.d), 1e30, np.float32))), (*OVERFLOW, "scale the input down")
+
+
+@case("v1-output-overflows-float32", ATTEND)
+def _(m: Limits):
+    return v1_request(np.full((2, 3, m.d), 1e30, np.float32)), (*OVERFLOW, "scale the input down")
+
+
+@case("v1-FP16-output-over-65504", ATTEND)
+def _(m: Limits):
+    x = np.full((1, 3, m.d), 6e4, np.float16)  # finite in FP16, but the attention output is larger
+    return v1_request(v1_tensor(x, v1_pb.FP16)), ("hidden_states", "beyond FP16's largest 65504", "send FP32")
+
+
 # outputs
 @case("kserve-unknown-output", INFER)
 def _(m: Limits):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -72,6 +73,21 @@ def test_metrics_endpoint_serves_build_and_model_info(server: ServerProcess) -> 
     assert "attnserve_build_info{" in body
     assert 'attnserve_model_info{d_model="512"' in body and 'provider="cpu"' in body
     assert "process_resident_memory_bytes" in body
+
+
+def test_metrics_host_binds_metrics_there_and_a_taken_port_names_it(served_model: Path) -> None:
+    # 127.0.0.2 is loopback too, but not the gRPC host: metrics must listen there and only there.
+    process = start_server(served_model, "--metrics-host", "127.0.0.2", "--warmup", "false")
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.2:{process.metrics_port}/metrics", timeout=10).read()
+        assert b"attnserve_build_info{" in body
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", process.metrics_port), timeout=5).close()
+        taken = ("--metrics-host", "127.0.0.2", "--metrics-port", str(process.metrics_port), "--warmup", "false")
+        done = _run_cli("--model-dir", str(served_model), "--host", "127.0.0.1", "--grpc-port", "0", *taken)
+        assert done.returncode == 1 and f"metrics cannot listen on 127.0.0.2:{process.metrics_port}" in done.stderr
+    finally:
+        process.stop()
 
 
 def test_not_serving_until_warm_up_ends(served_model: Path) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +190,66 @@ def test_probes_reach_health_over_plaintext_on_the_health_port_and_nothing_else(
         with pytest.raises(grpc.RpcError) as caught:
             attend(b"", timeout=10)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # only health lives on that port
+
+
+# Fail closed: a configured token that is empty or unreadable, or a TLS file that cannot be read, must stop the
+# server at start (exit 2, one line), never start it with auth or TLS silently off.
+EMPTY_TOKEN = "is set but empty or only whitespace; give the bearer token"
+EMPTY_FILE = "the file is empty or only whitespace; it must hold the bearer token"
+
+
+@pytest.mark.parametrize(
+    ("file_text", "env_token", "expected"),
+    [
+        ("", None, "auth_token_file {file}: " + EMPTY_FILE),
+        ("\n", None, "auth_token_file {file}: " + EMPTY_FILE),
+        (" \t \n", None, "auth_token_file {file}: " + EMPTY_FILE),
+        (None, "", "auth_token (--auth-token or ATTNSERVE_AUTH_TOKEN) " + EMPTY_TOKEN),
+        (None, " \t ", "auth_token (--auth-token or ATTNSERVE_AUTH_TOKEN) " + EMPTY_TOKEN),
+        ("missing", None, "auth_token_file {file}: cannot read it (No such file or directory)"),
+        ("directory", None, "auth_token_file {file}: cannot read it (Is a directory)"),
+    ],
+    ids=["empty-file", "newline-file", "whitespace-file", "empty-env", "whitespace-env", "missing-file", "directory"],
+)
+def test_a_configured_but_unusable_token_stops_the_server(
+    served_model: Path, tmp_path: Path, file_text: str | None, env_token: str | None, expected: str
+) -> None:
+    token_file = tmp_path / "token"
+    args: list[str] = []
+    if file_text == "directory":
+        token_file.mkdir()
+    elif file_text is not None and file_text != "missing":
+        token_file.write_text(file_text)
+    if file_text is not None:
+        args = ["--auth-token-file", str(token_file)]
+    env = {} if env_token is None else {"ATTNSERVE_AUTH_TOKEN": env_token}
+    done = _run_server_cli(served_model, *args, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = done.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"attnserve: bad settings: {expected.format(file=token_file)}"), line
+
+
+def test_an_unreadable_tls_file_stops_the_server(served_model: Path, tmp_path: Path) -> None:
+    certs = _write_certificates(tmp_path)
+    for role, flags in (
+        ("tls_cert", ["--tls-cert", str(tmp_path / "nope.crt"), "--tls-key", str(certs["server_key"])]),
+        ("tls_key", ["--tls-cert", str(certs["server_cert"]), "--tls-key", str(tmp_path)]),
+    ):
+        done = _run_server_cli(served_model, *flags)
+        assert done.returncode == 2, done.stderr[-2000:]
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith(f"attnserve: bad settings: {role} ") and ": cannot read it (" in line, line
+    ca = ["--tls-cert", str(certs["server_cert"]), "--tls-key", str(certs["server_key"])]
+    done = _run_server_cli(served_model, *ca, "--tls-client-ca", str(tmp_path / "nope-ca.crt"))
+    assert done.returncode == 2 and "tls_client_ca " in done.stderr and "Traceback" not in done.stderr
+
+
+def _run_server_cli(model_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """python -m service with a real model; a server that wrongly starts is stopped by the timeout (a failure)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")}
+    command = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--grpc-port", "0"]
+    command += ["--metrics-port", "0", "--warmup", "false", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env={**base, **(env or {})},
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip

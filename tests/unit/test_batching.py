@@ -15,6 +15,7 @@ from model.reference import relative_l2
 from service.batcher import Batcher
 from service.batching import BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
 from service.engine import Engine
+from service.errors import InvalidInput
 from service.model_dir import load_model_directory
 from service.seq_buckets import seq_bucket
 from service.types import AttentionRequest, WeightsSpec
@@ -177,6 +178,37 @@ def test_the_batcher_batches_by_bucket_and_answers_each_as_alone(engine: Engine,
         real = request.mask if request.mask is not None else np.ones(alone.shape[:2], np.int32)
         assert output.output.shape == alone.shape and queued >= 0
         assert relative_l2(output.output[real == 1], alone[real == 1]) <= 1e-5
+
+
+def test_an_overflowing_member_fails_alone_and_its_batch_mates_are_answered(engine: Engine) -> None:
+    """Finite input whose attention overflows float32 (NaN out), or whose FP16 answer would pass 65504, is refused
+    with InvalidInput on the engine thread; the other members of the same run get their answers."""
+    good = _request(6, seed=1)
+    mix = [
+        good,
+        AttentionRequest(np.full((1, 6, D_MODEL), 1e30, np.float32)),
+        AttentionRequest(np.full((1, 6, D_MODEL), 6e4, np.float32), output_dtype=np.dtype(np.float16)),
+        AttentionRequest(good.hidden_states.copy(), output_dtype=np.dtype(np.float16)),
+    ]
+    batcher = Batcher(engine, BatchPolicy(max_batch_size=16, max_queue_delay_s=0.2, max_padding=1.0), workers=1)
+
+    async def together() -> list:
+        return await asyncio.gather(*(batcher.submit(r) for r in mix), return_exceptions=True)
+
+    try:
+        answers = asyncio.run(together())
+    finally:
+        batcher.close()
+    assert batcher.stats.execution_count == 1  # all four ran as one batch
+    overflow, fp16_overflow = answers[1], answers[2]
+    assert isinstance(overflow, InvalidInput) and "output is not finite (float32 overflow" in str(overflow)
+    assert "largest |value| in the input is 1e+30" in str(overflow) and "scale the input down" in str(overflow)
+    assert isinstance(fp16_overflow, InvalidInput) and "beyond FP16's largest 65504" in str(fp16_overflow)
+    assert "send FP32" in str(fp16_overflow)
+    alone = engine.run(good.hidden_states, None, want_probs=False).output
+    for answer in (answers[0], answers[3]):
+        assert not isinstance(answer, BaseException), answer
+        assert relative_l2(answer[0].output, alone) <= 1e-5
 
 
 def test_the_queue_is_bounded_in_estimated_compute_time() -> None:

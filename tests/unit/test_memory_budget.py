@@ -50,7 +50,7 @@ def test_big_requests_leave_a_slice_for_small_ones() -> None:
 
 def test_calls_at_once_fit_the_budget_at_the_largest_message() -> None:
     settings = Settings(max_message_bytes=64 * MIB, max_concurrent_rpcs=1024, max_concurrent_streams=64)
-    assert gate_policy(settings, 2048 * MIB).max_calls == 32  # 1024 x 64 MiB would be 64 GiB
-    assert gate_policy(settings, 2048 * MIB).max_streams == 32  # streams are calls too
-    assert gate_policy(settings, 1 << 40).max_calls == 1024
-    assert gate_policy(settings, 1).max_calls == 1
+    assert gate_policy(settings, 2048 * MIB, None).max_calls == 32  # 1024 x 64 MiB would be 64 GiB
+    assert gate_policy(settings, 2048 * MIB, None).max_streams == 32  # streams are calls too
+    assert gate_policy(settings, 1 << 40, None).max_calls == 1024
+    assert gate_policy(settings, 1, None).max_calls == 1

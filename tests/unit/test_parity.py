@@ -83,3 +83,16 @@ def test_a_wrong_mask_would_be_caught(exported_model: Path) -> None:
     served = session.run(None, {"hidden_states": x, "attention_mask": mask})[0]
     unmasked, _ = reference_attention(weights, 8, x, None, config["causal"])
     assert relative_l2(served, unmasked) > 1e-2
+
+
+def test_padded_keys_stay_out_at_large_scores(exported_model: Path) -> None:
+    """Inputs of scale 300 make scores far beyond 1e4: padded keys must still get no weight in every masked graph."""
+    config, weights = read_model_dir(exported_model)
+    x, mask = _inputs(3, 64)
+    x = x * np.float32(300)
+    expected, _ = reference_attention(weights, 8, x, mask, config["causal"])
+    for name, graph in config["graphs"].items():
+        if graph["masked"]:
+            session = cpu_session(exported_model / graph["file"], threads=2)
+            served = session.run(None, {"hidden_states": x, "attention_mask": mask})[0]
+            assert relative_l2(served, expected) <= 1e-5, name
