@@ -35,7 +35,11 @@ def _markdown(results: list[CaseResult]) -> str:
     table = [line((*COLUMNS, "verdict")), line(("---",) * (len(COLUMNS) + 1))]
     table += [line((*_row(r), r.verdict)) for r in results]
     figures = [f"- **{r.case}**: " + "; ".join(f"{k} {v}" for k, v in r.figures.items()) for r in results if r.figures]
-    return "\n".join(table) + ("\n\nFigures per case:\n\n" + "\n".join(figures) if figures else "") + "\n"
+    failed = [f"- **{r.case}** {c.name}: {c.detail[:240]}" for r in results for c in r.checks if not c.ok]
+    text = "\n".join(table)
+    text += "\n\nFigures per case:\n\n" + "\n".join(figures) if figures else ""
+    text += "\n\nFailed checks:\n\n" + "\n".join(failed) if failed else ""
+    return text + "\n"
 
 
 def _commit() -> str:
