@@ -254,7 +254,7 @@ class Victim:
             while not self._stop.is_set():
                 if time.monotonic() >= next_health:
                     self._health(check)
-                    next_health += HEALTH_PERIOD_S
+                    next_health = max(next_health + HEALTH_PERIOD_S, time.monotonic())
                 self._attend(attend, request)
                 # A fixed schedule; a late call is not made up for with a burst.
                 next_call = max(next_call + VICTIM_PERIOD_S, time.monotonic())
