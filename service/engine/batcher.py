@@ -58,6 +58,11 @@ class Run:
     batch: Batch | None = None  # set by the engine thread once the valid members are assembled
     failed: dict[int, ServiceError] = field(default_factory=dict)  # member index -> why it was left out
 
+    @property
+    def weights(self) -> bool:
+        """A weights request's run (those run alone, all cores, for long)."""
+        return self.members[0].request.weights is not None
+
 
 class Batcher:
     def __init__(
@@ -125,7 +130,8 @@ class Batcher:
     def _schedule(self) -> None:
         """Start every batch that is ready and has a free engine thread; wake up when the next one is due."""
         while self._free_workers > 0 and len(self.queue):
-            members = self.queue.take(time.perf_counter())
+            weights_running = any(run.weights for run in self._running)
+            members = self.queue.take(time.perf_counter(), weights=not weights_running)
             if members is None:
                 break
             self._start(members)

@@ -33,6 +33,8 @@ import numpy as np
 from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
 from service.core.types import AttentionRequest
 
+WEIGHTS = "weights"  # the queue of weights requests, beside the sequence-length buckets
+
 
 class QueueFull(Exception):
     """The queue is at one of its bounds; the message names it."""
@@ -153,7 +155,7 @@ class BatchQueue:
                 f"queue full: {self.tokens} tokens waiting and this request has {waiting.tokens}; the limit is "
                 f"{p.max_queue_tokens} tokens"
             )
-        key = "weights" if waiting.request.weights is not None else seq_bucket(waiting.request.seq_len, p.seq_buckets)
+        key = WEIGHTS if waiting.request.weights is not None else seq_bucket(waiting.request.seq_len, p.seq_buckets)
         self._buckets.setdefault(key, deque()).append(waiting)
         self.requests += 1
         self.tokens += waiting.tokens
@@ -162,10 +164,14 @@ class BatchQueue:
     def __len__(self) -> int:
         return self.requests
 
-    def take(self, now: float) -> list[Waiting] | None:
-        """The next ready batch (oldest first), removed from the queue; None if no bucket is ready."""
+    def take(self, now: float, weights: bool = True) -> list[Waiting] | None:
+        """The next ready batch (oldest first), removed from the queue; None if no bucket is ready. weights=False
+        leaves weights requests waiting (one runs already: a second would only hold an engine thread idle until
+        the first is done, an engine thread that shorter requests could use)."""
         ready = [
-            (queue[0].enqueued, key) for key, queue in self._buckets.items() if queue and self._ready(key, queue, now)
+            (queue[0].enqueued, key)
+            for key, queue in self._buckets.items()
+            if queue and (weights or key != WEIGHTS) and self._ready(key, queue, now)
         ]
         if not ready:
             return None
@@ -186,7 +192,7 @@ class BatchQueue:
         return out
 
     def _ready(self, key: str, queue: deque[Waiting], now: float) -> bool:
-        if key == "weights" or now - queue[0].enqueued >= self.policy.max_queue_delay_s:
+        if key == WEIGHTS or now - queue[0].enqueued >= self.policy.max_queue_delay_s:
             return True
         rows, longest = 0, 0
         for waiting in queue:  # full: the queue holds a batch's worth of rows or tokens
@@ -200,7 +206,7 @@ class BatchQueue:
         queue = self._buckets[key]
         first = queue.popleft()  # the oldest always goes, even when alone it passes a bound
         batch = [first]
-        if queue and key != "weights":
+        if queue and key != WEIGHTS:
             self._add_companions(batch, queue)
         self.requests -= len(batch)
         self.tokens -= sum(w.tokens for w in batch)

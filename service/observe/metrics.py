@@ -139,7 +139,7 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
 
     def serve(self, host: str, port: int) -> int:
-        """Start /metrics in a thread of its own (service/observe/metrics_http.py); the port (port 0 picks a free one)."""
+        """Start /metrics in a thread of its own (service/observe/metrics_http.py); the port (0 picks a free one)."""
         http = MetricsHTTPServer(self.registry)
         port = http.serve(host, port)
         self._http = http

@@ -64,12 +64,14 @@ def _call_all(
 # ---------------------------------------------------------------------------------------------------------------
 # memory_budget
 
-BUDGET_MIB = 256
-BUDGET_CONCURRENT = 32
+BUDGET_MIB = 512
+MESSAGE_MIB = 17  # --max-message-bytes: room for one (8,1024,512) FP32 request; calls at once = 512 / 17 = 30
+BUDGET_CONCURRENT = 16  # fewer than the 30 call slots, so the victim finds one: the budget is what refuses
 BUDGET_SECONDS = 6.0
-# The budget (256) plus what two engine threads' runs of (8,1024) hold outside it (onnxruntime's buffers, measured
-# ~390 MiB growth for two such calls alone on this machine), with some room.
-BUDGET_RSS_BOUND_MIB = 700
+# Admitted requests hold the budget; calls not yet admitted hold their message as it arrives (gRPC's buffers, the
+# bytes handed to us, the decoded message: about 3 copies); onnxruntime's buffers for two engine threads' runs
+# of (8,1024) come on top (~390 MiB measured for two such calls alone on this machine).
+BUDGET_RSS_BOUND_MIB = BUDGET_MIB + BUDGET_CONCURRENT * 3 * 16 // 2 + 400
 
 
 def test_memory_budget(served_model: Path) -> None:
@@ -77,11 +79,13 @@ def test_memory_budget(served_model: Path) -> None:
     request = v1_pb.AttendRequest(id="big", hidden_states=tensor_to_pb(x)).SerializeToString()
     attack = (
         f"rounds of {BUDGET_CONCURRENT} concurrent (8,1024,512) FP32 Attend calls (16 MiB each) for "
-        f"{BUDGET_SECONDS:.0f} s; --memory-budget-mb {BUDGET_MIB}"
+        f"{BUDGET_SECONDS:.0f} s; --memory-budget-mb {BUDGET_MIB} --max-message-bytes {MESSAGE_MIB} MiB"
     )
     with (
         case("memory_budget", attack) as result,
-        running(served_model, "--memory-budget-mb", str(BUDGET_MIB)) as server,
+        running(
+            served_model, "--memory-budget-mb", str(BUDGET_MIB), "--max-message-bytes", str(MESSAGE_MIB * MIB)
+        ) as server,
     ):
         rounds = 0
         with (

@@ -1,4 +1,4 @@
-"""Batch assembly, the batch queue and the batcher (service/engine/batching.py, service/engine/batcher.py): batched answers
+"""Batch assembly, the batch queue and the batcher (service/engine/batching.py, batcher.py): batched answers
 equal answers alone, the policy's triggers and bounds, companions chosen by length."""
 
 from __future__ import annotations
