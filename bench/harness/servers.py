@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench.harness import ROOT
+from bench.harness.aio_server import READY
 from tests.server_process import stop_process
 
 # The echo and baseline servers hold no work to drain: SIGTERM ends them at once, SIGKILL after this.
@@ -31,7 +32,7 @@ def start_bench_server(module: str, model_dir: Path, timeout_s: float = 120.0) -
     reader = threading.Thread(target=lambda: found.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
     reader.start()
     reader.join(timeout_s)
-    if not found or not found[0].startswith("ready "):
+    if not found or not found[0].startswith(f"{READY} "):
         process.kill()
         raise RuntimeError(f"bench.{module} did not start (exit {process.poll()}): {found}")
     return process, int(found[0].split()[1])
