@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.metrics_bench", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/attention"))
     p.add_argument("--out", type=Path, default=Path("reports/metrics_bench.md"))
-    p.add_argument("--rounds", type=int, default=16, help="more rounds, a tighter median: ±5% noise per round here")
+    p.add_argument("--rounds", type=int, default=16, help="more rounds, a tighter median: ±5%% noise per round here")
     p.add_argument("--round-s", type=float, default=3.0, help="seconds each variant runs per round")
     p.add_argument("--v1", action="store_true", help="also measure attnserve.v1 Attend (doubles the run)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
