@@ -16,11 +16,10 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from bench.harness.aio_server import serve
 from service._pb.inference import grpc_service_pb2 as pb
 from service._pb.inference import grpc_service_pb2_grpc as pb_grpc
 from service.engine.model_dir import load_model_directory
-
-OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
 class Baseline(pb_grpc.GRPCInferenceServiceServicer):
@@ -43,18 +42,13 @@ class Baseline(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def serve(port: int, model_dir: Path) -> None:
-    server = grpc.aio.server(options=OPTIONS)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Baseline(model_dir), server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print(f"ready {bound}", flush=True)
-    await server.wait_for_termination()
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="python -m bench.baseline_server")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--model-dir", type=Path, default=Path("models/attention"))
     args = p.parse_args()
-    asyncio.run(serve(args.port, args.model_dir))
+
+    def add_baseline(server: grpc.aio.Server) -> None:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Baseline(args.model_dir), server)
+
+    asyncio.run(serve(args.port, add_baseline))

@@ -34,30 +34,34 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 import onnxruntime as ort
 
-from bench.metrics_bench import Loaded, ServerError, code_version, rotated_rounds
-from bench.serve_bench import CpuMeter, start_bench_server, start_in_parallel, stop_process
+from bench.harness.cpu import CpuMeter
+from bench.harness.provenance import code_version
+from bench.harness.rounds import Series, ServerError, measure_rounds, ratio_cells
+from bench.harness.servers import start_bench_server, start_in_parallel, stop_bench_server
+from bench.harness.workloads import (
+    MIX,
+    MIX_CONCURRENCY,
+    MIX_POOL,
+    MIX_SEED,
+    SMALL,
+    SMALL_CONCURRENCY,
+    mixed_target,
+)
 from service.app.settings import parse_settings
 from service.core.seq_buckets import bucket_labels
 from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
-from tests.load.workload import LengthMix, Shape, Target, build_target, kserve_target
+from tests.load.workload import Target, kserve_target
 from tests.server_process import ServerProcess, start_server
 
-MIX = LengthMix.parse("8-512")
-MIX_POOL = 256  # requests drawn from the mix, sent in turn: enough that every round sees the whole range
-MIX_SEED = 0
-MIX_CONCURRENCY = 16
-SMALL = Shape(1, 16)
-SMALL_CONCURRENCY = 8
 BATCHING, OFF, ECHO = "batching", "off", "echo"
 # name -> (extra `python -m service` flags besides --provider, what it is)
 SERVICES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -110,7 +114,7 @@ class Endpoint:
         if self.service is not None:
             self.service.stop()
         else:
-            stop_process(self.process)
+            stop_bench_server(self.process)
 
 
 def start_endpoint(
@@ -168,45 +172,6 @@ def _per_run(sum_: float, count: float) -> float:
 # --------------------------------------------------------------------------------------------- measuring
 
 
-@dataclass
-class Series:
-    """One section's rounds: per server, one LoadResult per counted round (same index = same round)."""
-
-    blocks: dict[str, list[LoadResult]]
-
-    def ratios(self, name: str, reference: str) -> list[float]:
-        """throughput(name) / throughput(reference), round by round."""
-        return [
-            a.throughput_rps / b.throughput_rps if b.throughput_rps > 0 else math.nan
-            for a, b in zip(self.blocks[name], self.blocks[reference], strict=True)
-        ]
-
-    def merged(self, name: str) -> LoadResult:
-        return LoadResult.merge(self.blocks[name])
-
-
-class Reachable(Loaded, Protocol):
-    """A server under load at one address (an Endpoint, or bench-workers' processes sharing a port)."""
-
-    address: str
-
-
-def measure(
-    endpoints: Mapping[str, Reachable], targets: dict[str, Target], config: LoadConfig, rounds: int, label: str
-) -> Series:
-    """A warm-up round, then `rounds` rounds of every server in targets, in rotated order; raises ServerError on
-    any error or a server gone (nothing here should fail)."""
-    series = Series({name: [] for name in targets})
-
-    def block(name: str) -> LoadResult:
-        return run_load(endpoints[name].address, targets[name], config)
-
-    for _, results in rotated_rounds({name: endpoints[name] for name in targets}, rounds, label, block):
-        for name, result in results.items():
-            series.blocks[name].append(result)
-    return series
-
-
 def closed_loop(concurrency: int, round_s: float) -> LoadConfig:
     return LoadConfig(
         concurrency=concurrency,
@@ -236,7 +201,7 @@ def measure_mixed(endpoints: dict[str, Endpoint], target: Target, rounds: int, r
         },
     )
     targets = {BATCHING: target, OFF: target}
-    series = measure(endpoints, targets, closed_loop(MIX_CONCURRENCY, round_s), rounds, "mixed")
+    series = measure_rounds(endpoints, targets, closed_loop(MIX_CONCURRENCY, round_s), rounds, "mixed")
     d = counters.deltas()
     return Mixed(
         series,
@@ -249,7 +214,7 @@ def measure_mixed(endpoints: dict[str, Endpoint], target: Target, rounds: int, r
 def measure_small(endpoints: dict[str, Endpoint], rounds: int, round_s: float) -> Series:
     target = kserve_target(SMALL)
     targets = {BATCHING: target, OFF: target, ECHO: target.without_check()}  # the echo returns the request
-    return measure(endpoints, targets, closed_loop(SMALL_CONCURRENCY, round_s), rounds, "small")
+    return measure_rounds(endpoints, targets, closed_loop(SMALL_CONCURRENCY, round_s), rounds, "small")
 
 
 class RssSampler:
@@ -429,13 +394,6 @@ def checks(mixed: Mixed, small: Series, over: Overload) -> list[Check]:
     return out
 
 
-def ratio_cells(ratios: Sequence[float], reference: bool) -> tuple[str, str]:
-    """The median and min–max table cells of a server's per-round ratios."""
-    if reference:
-        return "1 (reference)", "–"
-    return f"{statistics.median(ratios):.2f}", f"{min(ratios):.2f}–{max(ratios):.2f}"
-
-
 def _settings(name: str, endpoints: dict[str, Endpoint]) -> str:
     """What a server is; the batching server's with the flags the bench added."""
     added = " ".join(endpoints[name].added) or "default flags"
@@ -601,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model_dir / "config.json").is_file():
         raise SystemExit(f"bench.batching_bench: no model at {args.model_dir}; run `make export` first")
     started = time.perf_counter()
-    mix_target = build_target("kserve", MIX, pool=MIX_POOL, seed=MIX_SEED)
+    mix_target = mixed_target()
     code = code_version()  # now, as the servers start: they run what is on disk at that moment
     with tempfile.TemporaryDirectory(prefix="batching_bench.") as log_dir:
         print(f"starting {', '.join([*SERVICES, ECHO])} ...", flush=True)

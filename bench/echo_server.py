@@ -10,7 +10,7 @@ import asyncio
 
 import grpc
 
-OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+from bench.harness.aio_server import serve
 
 
 async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -22,17 +22,8 @@ class AnyMethod(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(echo)  # no (de)serializers: bytes in, bytes out
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server(options=OPTIONS)
-    server.add_generic_rpc_handlers([AnyMethod()])
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    print(f"ready {bound}", flush=True)
-    await server.wait_for_termination()
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="python -m bench.echo_server")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--model-dir", help="ignored: the same command line as the other servers")
-    asyncio.run(serve(p.parse_args().port))
+    asyncio.run(serve(p.parse_args().port, lambda server: server.add_generic_rpc_handlers([AnyMethod()])))

@@ -26,21 +26,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 import onnxruntime as ort
 
-from bench.serve_bench import CpuMeter, _proc_cpu_s, start_in_parallel
+from bench.harness.cpu import CpuMeter, process_cpu_s
+from bench.harness.provenance import code_version
+from bench.harness.rounds import ServerError, rotated_rounds
+from bench.harness.servers import start_in_parallel
 from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
 from tests.load.workload import Shape, Target, kserve_target, v1_target
 from tests.server_process import ServerProcess, start_server
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPE = Shape(1, 16)
 CONCURRENCY = 8
 LIMIT = 0.03  # the most throughput metrics may cost
@@ -62,10 +63,6 @@ BLOCK_WARMUP_REQUESTS = 16  # each block opens a fresh channel: its first calls 
 
 
 # ---------------------------------------------------------------------------------------------- servers
-
-
-class ServerError(RuntimeError):
-    """A server answered with an error or exited mid-run: the numbers mean nothing."""
 
 
 @dataclass
@@ -108,44 +105,6 @@ def start_servers(model_dir: Path, log_dir: Path, names: Sequence[str] = tuple(V
 
 
 # --------------------------------------------------------------------------------------------- measuring
-
-
-def rotated(names: Sequence[str], round_: int) -> list[str]:
-    """Round r starts with the (r mod n)th variant, so each one goes first, second, … equally often."""
-    k = round_ % len(names)
-    return [*names[k:], *names[:k]]
-
-
-class Loaded(Protocol):
-    """A bench server as the rounds see it."""
-
-    process: subprocess.Popen
-
-    def alive(self) -> bool: ...
-
-
-def rotated_rounds(
-    servers: Mapping[str, Loaded], rounds: int, label: str, block: Callable[[str], LoadResult]
-) -> Iterator[tuple[list[str], dict[str, LoadResult]]]:
-    """A warm-up round, then `rounds` counted rounds, each running block(name) once per server in rotated order
-    (only that server under load); yields (order, results) for the counted ones. Raises ServerError when a
-    block erred or its server is gone: nothing here should fail."""
-    names = list(servers)
-    for round_ in range(-1, rounds):  # round -1: the warm-up, not counted
-        order = rotated(names, round_ + 1)
-        results: dict[str, LoadResult] = {}
-        for name in order:
-            server = servers[name]
-            result = block(name)
-            if result.errors or not server.alive():
-                raise ServerError(f"{name} ({label}): errors {result.errors}, exit {server.process.poll()}")
-            results[name] = result
-            time.sleep(0.05)  # let the last server's threads go idle before the next one is loaded
-        tag = "warm-up" if round_ < 0 else f"round {round_ + 1}/{rounds}"
-        rates = "  ".join(f"{name} {results[name].throughput_rps:7.0f}" for name in order)
-        print(f"  {label} {tag:<12} req/s: {rates}", flush=True)
-        if round_ >= 0:
-            yield order, results
 
 
 @dataclass
@@ -195,9 +154,9 @@ def measure(servers: dict[str, Server], target: Target, api: str, rounds: int, r
 
     def block(name: str) -> LoadResult:
         server = servers[name]
-        cpu_before = _proc_cpu_s(server.process.pid)
+        cpu_before = process_cpu_s(server.process.pid)
         result = run_load(server.address, target, config)
-        cpu[name] = (_proc_cpu_s(server.process.pid) - cpu_before, result.count + BLOCK_WARMUP_REQUESTS)
+        cpu[name] = (process_cpu_s(server.process.pid) - cpu_before, result.count + BLOCK_WARMUP_REQUESTS)
         return result
 
     for order, results in rotated_rounds(servers, rounds, api, block):
@@ -273,20 +232,6 @@ def table(series: Series) -> list[str]:
     return lines
 
 
-def code_version() -> str:
-    """The commit, and whether service/ differs from it: the servers run whatever is on disk when they start."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "service"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git)"
-    return f"{commit} + uncommitted changes in service/" if changed else commit
-
-
 def report(
     all_series: list[Series],
     usage: dict[str, float],
@@ -340,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.metrics_bench", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, default=Path("models/attention"))
     p.add_argument("--out", type=Path, default=Path("reports/metrics_bench.md"))
-    p.add_argument("--rounds", type=int, default=16, help="more rounds, a tighter median: ±5% noise per round here")
+    p.add_argument("--rounds", type=int, default=16, help="more rounds, a tighter median: ±5%% noise per round here")
     p.add_argument("--round-s", type=float, default=3.0, help="seconds each variant runs per round")
     p.add_argument("--v1", action="store_true", help="also measure attnserve.v1 Attend (doubles the run)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,

@@ -23,22 +23,21 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 
+from bench.harness.cpu import CpuMeter
+from bench.harness.servers import start_bench_server, start_in_parallel, stop_bench_server
 from service._pb.attnserve.v1 import attention_pb2 as v1_pb
+from service.core.types import INPUT, OUTPUT
 from service.engine.model_dir import ModelDirectory, load_model_directory
-from service.engine.sessions import INPUT, OUTPUT, Engine
+from service.engine.sessions import Engine
 from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import CHANNEL_OPTIONS, LoadConfig, LoadResult, run_load, summarize
 from tests.load.workload import Shape, Target, kserve_target, v1_target
@@ -48,7 +47,6 @@ SHAPES = (Shape(1, 16), Shape(1, 128), Shape(1, 2048), Shape(8, 2048))
 SMALL_SHAPES = SHAPES[:2]  # the concurrency-8 throughput target
 BIG_SHAPE = SHAPES[3]  # the message-size and ≤ 10% overhead target
 CONCURRENCIES = (1, 8)
-ROOT = Path(__file__).resolve().parents[1]
 
 # Service variants: name -> extra `python -m service` flags. "service" is the default settings.
 SERVICE_VARIANTS: dict[str, tuple[str, ...]] = {
@@ -139,63 +137,13 @@ class Running:
     stop: Callable[[], object]
 
 
-def start_bench_server(module: str, model_dir: Path, timeout_s: float = 120.0) -> tuple[subprocess.Popen, int]:
-    """Start `python -m bench.<module> --port 0` and read its "ready <port>" line."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", f"bench.{module}", "--port", "0", "--model-dir", str(model_dir)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    found: list[str] = []
-    reader = threading.Thread(target=lambda: found.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout_s)
-    if not found or not found[0].startswith("ready "):
-        process.kill()
-        raise RuntimeError(f"bench.{module} did not start (exit {process.poll()}): {found}")
-    return process, int(found[0].split()[1])
-
-
-def stop_process(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-Started = TypeVar("Started")
-
-
-def start_in_parallel(
-    names: Sequence[str], start: Callable[[str], Started], stop: Callable[[Started], None]
-) -> dict[str, Started]:
-    """start(name) for every name at once (each server starts in its own process); if one fails, the others
-    are stopped and the error names every failure."""
-    with ThreadPoolExecutor(len(names)) as pool:
-        futures = {name: pool.submit(start, name) for name in names}
-    started, failed = {}, []
-    for name, future in futures.items():
-        try:
-            started[name] = future.result()
-        except Exception as e:
-            failed.append(f"{name}: {e}")
-    if failed:
-        for server in started.values():
-            stop(server)
-        raise RuntimeError("servers failed to start:\n" + "\n".join(failed))
-    return started
-
-
 def start_servers(model_dir: Path, names: set[str]) -> dict[str, Running]:
     """Every server a row needs, started in parallel, each in its own process."""
 
     def start(name: str) -> Running:
         if name in ("echo", "baseline"):
             process, port = start_bench_server(f"{name}_server", model_dir)
-            return Running(name, f"127.0.0.1:{port}", process, lambda: stop_process(process))
+            return Running(name, f"127.0.0.1:{port}", process, lambda: stop_bench_server(process))
         service = start_server(model_dir, *SERVICE_VARIANTS[name])
         return Running(name, service.address, service.process, service.stop)
 
@@ -234,50 +182,6 @@ class InProcess:
             session.run([OUTPUT], feed)
             latencies.append((time.perf_counter() - t0) * 1e3)
         return summarize(key, latencies, sum(latencies) / 1e3, shape.tokens * len(latencies), shape.seq)
-
-
-# ------------------------------------------------------------------------------------------- CPU meter
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds; 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds all processes on the machine have used (user + nice + system + irq + softirq + steal)."""
-    try:
-        parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in parts[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuMeter:
-    """How much of the machine this run used, and how much other processes took meanwhile."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.start_wall = time.perf_counter()
-        self.start_busy = _machine_busy_s()
-        self.start_ours = sum(_proc_cpu_s(p) for p in pids)
-
-    def stop(self) -> dict[str, float]:
-        wall = time.perf_counter() - self.start_wall
-        busy = _machine_busy_s() - self.start_busy
-        ours = sum(_proc_cpu_s(p) for p in self.pids) - self.start_ours
-        cores = os.cpu_count() or 1
-        return {
-            "wall_s": wall,
-            "cores": cores,
-            "ours_cpu_fraction": ours / (wall * cores),
-            "others_cpu_fraction": max(busy - ours, 0.0) / (wall * cores),
-        }
 
 
 # --------------------------------------------------------------------------------------------- the run

@@ -21,22 +21,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.batching_bench import (
-    MIX,
-    MIX_CONCURRENCY,
-    MIX_POOL,
-    MIX_SEED,
-    SMALL,
-    SMALL_CONCURRENCY,
-    Series,
-    ratio_cells,
-)
-from bench.batching_bench import measure as measure_rounds
-from bench.metrics_bench import ServerError, code_version
-from bench.serve_bench import start_in_parallel
+from bench.harness.provenance import code_version
+from bench.harness.rounds import Series, ServerError, measure_rounds, ratio_cells
+from bench.harness.servers import start_in_parallel
+from bench.harness.workloads import MIX, MIX_CONCURRENCY, SMALL, SMALL_CONCURRENCY, mixed_target
 from service.host.cpu_quota import usable_cores
 from tests.load.loadgen import LoadConfig
-from tests.load.workload import Target, build_target, kserve_target
+from tests.load.workload import Target, kserve_target
 from tests.server_process import ServerProcess, free_port, start_server
 
 WORKERS = (1, 2)
@@ -72,7 +63,8 @@ def start_workers(model_dir: Path, count: int) -> Workers:
 
 
 def measure(servers: dict[str, Workers], target: Target, callers: int, rounds: int, round_s: float) -> Series:
-    """bench-batching's rounds, one channel (connection) per caller: the kernel spreads connections."""
+    """The rounds bench-batching runs (bench.harness.rounds), one channel (connection) per caller: the kernel
+    spreads connections."""
     config = LoadConfig(
         concurrency=callers, channels=callers, warmup_s=max(round_s, 1.0), max_requests=10**9, duration_s=round_s
     )
@@ -106,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     code = code_version()
     workloads = [
         (f"{SMALL}, c={SMALL_CONCURRENCY}", kserve_target(SMALL), SMALL_CONCURRENCY),
-        (
-            f"mixed {MIX}, c={MIX_CONCURRENCY}",
-            build_target("kserve", MIX, pool=MIX_POOL, seed=MIX_SEED),
-            MIX_CONCURRENCY,
-        ),
+        (f"mixed {MIX}, c={MIX_CONCURRENCY}", mixed_target(), MIX_CONCURRENCY),
     ]
     servers = start_in_parallel(
         [str(n) for n in WORKERS], lambda n: start_workers(args.model_dir, int(n)), Workers.stop

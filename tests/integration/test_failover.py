@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.serve_bench import start_in_parallel
+from bench.harness.servers import start_in_parallel
 from service.channel_policy import replicas_target
 from service.client import AsyncAttentionClient
 from tests.server_process import ServerProcess, start_server

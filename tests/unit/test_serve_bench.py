@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.serve_bench import start_bench_server, stop_process
+from bench.harness.servers import start_bench_server, stop_bench_server
 from tests.load.loadgen import LoadConfig, LoadResult, run_load
 from tests.load.workload import Shape, kserve_target, v1_target
 from tests.server_process import ServerProcess
@@ -34,7 +34,7 @@ def bench_servers(served_model: Path) -> Iterator[dict[str, str]]:
     started = {name: start_bench_server(f"{name}_server", served_model) for name in ("echo", "baseline")}
     yield {name: f"127.0.0.1:{port}" for name, (_, port) in started.items()}
     for process, _ in started.values():
-        stop_process(process)
+        stop_bench_server(process)
 
 
 @pytest.mark.parametrize("api", ["kserve", "v1"])
