@@ -14,7 +14,7 @@ help:
 	@echo "make serve        export the default model if missing, start the service"
 	@echo "make test         lint + the whole test suite (what CI runs)"
 	@echo "make demo         the \"it -> animal\" example: MiniLM layers 3 and 5 served, explained -> reports/explain/"
-	@echo "make lint         ruff"
+	@echo "make lint         ruff check, ruff format --check, mypy (service/, client/, model/)"
 	@echo "make resilience   hostile and faulty clients against a real server -> reports/resilience.md"
 	@echo "make fuzz         fuzz both APIs' request decoding + validation for FUZZ_SECONDS (default 600)"
 	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
@@ -46,6 +46,8 @@ venv: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
@@ -58,7 +60,7 @@ system-deps:
 	dpkg -s libb64-0d >/dev/null 2>&1 || pkgs="$$pkgs libb64-0d"; \
 	command -v promtool >/dev/null 2>&1 || pkgs="$$pkgs prometheus"; \
 	command -v chromium >/dev/null 2>&1 || pkgs="$$pkgs chromium"; \
-	[ -z "$$pkgs" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs)
+	[ -z "$$pkgs" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs)
 
 # deploy/prometheus/: the config, the rules, and the rules' unit tests (also run by make test's pytest).
 prometheus-check: system-deps

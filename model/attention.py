@@ -58,8 +58,8 @@ class MultiHeadAttention(nn.Module):
         allowed = self._allowed_keys(key_padding_mask, L, x.device)  # (B|1, 1, L|1, L) bool or None
 
         if need_weights or not self.use_fast_path:
-            z, weights = self._attend_manual(q, k, v, allowed)
-            weights = weights if need_weights else None
+            z, probs = self._attend_manual(q, k, v, allowed)
+            weights = probs if need_weights else None
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, h, L, dk)
             weights = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 from model.timing import cpu_session, interleaved_medians, session_feed
@@ -21,10 +23,10 @@ def measure_forms(
     sessions = {form: cpu_session(path, threads) for form, path in graphs.items()}
     timings: dict[str, dict[int, float]] = {form: {} for form in graphs}
     for seq in seq_lens:
-        runners = {}
+        runners: dict[str, Callable[[], object]] = {}
         for form, session in sessions.items():
             feed = session_feed(session, 1, seq, d_model)
-            runners[form] = lambda s=session, f=feed: s.run(None, f)
+            runners[form] = functools.partial(session.run, None, feed)
         for form, seconds in interleaved_medians(runners, rounds=3, budget_s=1.0).items():
             timings[form][seq] = 1e3 * seconds
     return timings
@@ -56,6 +58,6 @@ def static_routing(form: str, max_seq_len: int) -> list[dict[str, object]]:
 def route(table: list[dict[str, object]], seq: int) -> str:
     """The graph a routing table names for ``seq`` (the last range takes anything longer)."""
     for entry in table:
-        if seq <= int(entry["up_to"]):  # type: ignore[arg-type]
+        if seq <= int(str(entry["up_to"])):
             return str(entry["graph"])
     return str(table[-1]["graph"])

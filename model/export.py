@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -280,6 +281,7 @@ def _replace_dir(new: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    # argparse's own error exits with usage lines; ours is the one clear line every failure gives
     parser.error = lambda message: _fail(f"{message} (see --help)")  # type: ignore[method-assign]
     args = parser.parse_args(argv)
     try:
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"model.export: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 

@@ -11,6 +11,8 @@ Both share the graph interface of the torch-exported graphs (model/torch_export.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -48,7 +50,7 @@ class _GraphBuilder:
         self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
-    def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs: object) -> str:
+    def node(self, op: str, inputs: list[str], output: str, domain: str = "", **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op, inputs, [output], domain=domain, **attrs))
         return output
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,9 +18,7 @@ from model.weights import Weights
 _FUSED_BUILDERS = {"mha": build_mha_graph, "attention23": build_attention23_graph}
 
 
-def write_graphs(
-    weights: Weights, config: AttentionConfig, directory: Path, opset: int
-) -> dict[str, dict[str, object]]:
+def write_graphs(weights: Weights, config: AttentionConfig, directory: Path, opset: int) -> dict[str, dict[str, Any]]:
     """Write plain (torch export), mha and attention23, each unmasked and masked, and the weights graph.
 
     Returns {graph name: {"file", "form", "masked", "outputs"}} as recorded in config.json.

@@ -35,12 +35,12 @@ class _Unmasked(torch.nn.Module):
 
 
 class _Masked(_Unmasked):
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # export wants a mask
         return self.attention(hidden_states, attention_mask)[0]
 
 
 class _MaskedWithWeights(_Unmasked):
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]  # export: weights too
         out, weights = self.attention(hidden_states, attention_mask, need_weights=True)
         return out, weights
 
@@ -83,5 +83,6 @@ def export_plain(
             opset_version=opset,
             verbose=False,
         )
+        assert program is not None, "torch.onnx.export with dynamo returns its program"
         program.save(str(path), external_data=False)
     module.use_fast_path = True

@@ -156,4 +156,4 @@ def load_bert_layer(checkpoint_dir: Path, layer: int) -> tuple[Weights, int]:
 
 
 def save_npz(weights: Weights, path: Path) -> None:
-    np.savez(path, **{name: weights[name] for name in PARAM_NAMES})
+    np.savez(path, **{name: weights[name] for name in PARAM_NAMES})  # type: ignore[arg-type]  # numpy's stub types **kwds as bool

@@ -122,6 +122,7 @@ def infer_request_from_pb(message: pb.ModelInferRequest, served: str) -> InferCa
 def infer_response_to_pb(call: InferCall, result: AttentionResult, served: str) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=served, model_version=MODEL_VERSION, id=call.request.request_id)
     for name in call.outputs:
+        # attention_weights is asked for only with a WeightsSpec, so its result carries weights
         array = result.output if name == OUTPUT else result.weights.values  # type: ignore[union-attr]
         response.outputs.add(name=name, datatype=dtype_name(array.dtype), shape=array.shape)
         response.raw_output_contents.append(array.tobytes())

@@ -71,4 +71,4 @@ def grpc_errors(method: Handler) -> Handler:
             code, message = status_of(error)
             await context.abort(code, message, trailers_of(error))
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # same call signature as method: functools.wraps keeps it

@@ -46,7 +46,7 @@ async def answer_each(
     reader = asyncio.create_task(read())
     try:
         while (item := await done.get()) is not _END:
-            yield item  # type: ignore[misc]
+            yield item  # type: ignore[misc]  # items are Responses; _END, the one other object, ended the loop
             slots.release()  # resumed: that answer went out
         reader.result()  # re-raise a broken request stream
     finally:

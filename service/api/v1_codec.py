@@ -27,7 +27,7 @@ def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> pb.Tensor:
     dtype = next((code for code, dt in DTYPES.items() if dt == little), None)
     if dtype is None:
         raise TypeError(f"{array.dtype} cannot travel as an attnserve.v1 Tensor; use float32, float16 or int32")
-    tensor.dtype = dtype
+    tensor.dtype = dtype  # type: ignore[assignment]  # the stubs type the enum field as DataType, not int
     tensor.shape[:] = array.shape
     tensor.data = np.ascontiguousarray(array, little).tobytes()
     return tensor
@@ -104,7 +104,7 @@ def model_info_to_pb(name: str, model: ModelDescription) -> pb.ModelInfo:
         num_heads=model.num_heads,
         head_dim=model.head_dim,
         causal=model.causal,
-        input_dtypes=HIDDEN_CODES,
+        input_dtypes=HIDDEN_CODES,  # type: ignore[arg-type]  # enum values as ints, as protobuf accepts them
         max_seq_len=limits.max_seq_len,
         max_batch_size=limits.max_batch_size,
         max_weights_seq_len=limits.max_weights_seq_len,

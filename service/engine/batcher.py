@@ -111,7 +111,8 @@ class Batcher:
             # Retry-pushback: about when the queue has emptied; sooner would likely find it full again.
             raise ResourceExhausted(f"{e}; retry later or on another replica", self.queue.cost_s) from None
         self._schedule()
-        return await waiting.tag  # type: ignore[no-any-return]
+        computed: tuple[Computed, float] = await waiting.tag
+        return computed
 
     @property
     def queue_depth(self) -> int:
@@ -175,8 +176,8 @@ class Batcher:
         """False (and the request answered and counted) when its client left or its deadline is lost."""
         request = waiting.request
         if waiting.tag.cancelled():
-            late = request.deadline is not None and now >= request.deadline
-            self.metrics.observe_dropped("deadline" if late else "cancelled")
+            expired = request.deadline is not None and now >= request.deadline
+            self.metrics.observe_dropped("deadline" if expired else "cancelled")
             return False
         waited_s = time.perf_counter() - waiting.enqueued
         if (late := self._deadline_lost(request, now, self.run_times.estimate(request), waited_s)) is not None:

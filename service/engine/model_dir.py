@@ -9,9 +9,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from service.core.errors import ModelDirectoryError
 
+T = TypeVar("T")
 FORMAT = "attnserve-model/1"
 WEIGHTS_GRAPH = "weights"
 PROVIDERS = ("cpu", "cuda")
@@ -67,7 +69,7 @@ class ModelDirectory:
         return [self.graphs[name] for name in sorted(names | {WEIGHTS_GRAPH})]
 
 
-def _require(config: dict, key: str, kind: type) -> object:
+def _require(config: dict, key: str, kind: type[T]) -> T:
     if not isinstance(config.get(key), kind):
         raise ModelDirectoryError(f"config.json: `{key}` missing or not a {kind.__name__}")
     return config[key]

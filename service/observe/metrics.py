@@ -160,22 +160,22 @@ class NullMetrics(Metrics):
         self.seq_buckets = tuple(seq_buckets)
         self._http = None
 
-    def observe_request(self, *args: object) -> None:  # type: ignore[override]
+    def observe_request(self, *args: object) -> None:
         pass
 
-    def observe_queue(self, *args: object) -> None:  # type: ignore[override]
+    def observe_queue(self, *args: object) -> None:
         pass
 
-    def observe_run(self, *args: object) -> None:  # type: ignore[override]
+    def observe_run(self, *args: object) -> None:
         pass
 
-    def observe_dropped(self, *args: object) -> None:  # type: ignore[override]
+    def observe_dropped(self, *args: object) -> None:
         pass
 
-    def set_model_info(self, *args: object) -> None:  # type: ignore[override]
+    def set_model_info(self, *args: object) -> None:
         pass
 
-    def track(self, *args: object) -> None:  # type: ignore[override]
+    def track(self, *args: object) -> None:
         pass
 
     def serve(self, host: str, port: int) -> int:

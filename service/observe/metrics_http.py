@@ -200,7 +200,7 @@ class _Connection(asyncio.Protocol):
         self.server._waiting.pop(self, None)  # no longer a candidate for eviction
         self.transport.pause_reading()
         if end < 0 or end > self.server.max_header_bytes:
-            status, headers, body = "431 Request Header Fields Too Large", [], b""
+            status, headers, body = "431 Request Header Fields Too Large", list[tuple[str, str]](), b""
         else:
             status, headers, body = self.server._answer(bytes(self.buffer[:end]))
         head = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in headers)]

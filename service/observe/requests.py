@@ -17,7 +17,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable
-from json.encoder import encode_basestring_ascii as json_string  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii as json_string
 from types import TracebackType
 from typing import TextIO
 
