@@ -79,7 +79,7 @@ def method_table(
 def grpc_server(gate: CallGate, settings: Settings) -> grpc.aio.Server:
     return grpc.aio.server(
         handlers=[gate],
-        options=_channel_options(settings),
+        options=_channel_options(settings, gate.policy.max_calls + PROBE_HEADROOM),
         maximum_concurrent_rpcs=gate.policy.max_calls + PROBE_HEADROOM,
     )
 
@@ -108,7 +108,8 @@ def _reflection_v1(table: MethodTable, names: tuple[str, ...]) -> None:
     table.add_registered_method_handlers(REFLECTION_V1, {"ServerReflectionInfo": handler})
 
 
-def _channel_options(settings: Settings) -> list[tuple[str, int]]:
+def _channel_options(settings: Settings, streams_per_connection: int) -> list[tuple[str, int]]:
+    """streams_per_connection: the cap when the setting leaves it to the server (0)."""
     age = (
         [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1e3)),
          ("grpc.max_connection_age_grace_ms", int(settings.drain_grace_s * 1e3))]
@@ -121,7 +122,7 @@ def _channel_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1e3)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1e3)),
         ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * 1e3)),
-        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection or streams_per_connection),
         # Let clients keep idle connections alive with pings every 10 s without being sent GOAWAY.
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

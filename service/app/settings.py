@@ -136,7 +136,11 @@ class Settings(BaseSettings):
         "holds this many answers, not an unbounded pile",
     )
     max_streams_per_connection: int = Field(
-        100, ge=1, description="HTTP/2 streams (calls) one client connection may have open at once"
+        0,
+        ge=0,
+        description="HTTP/2 streams (calls) one client connection may have open at once; an HTTP/2 client queues "
+        "more, and one whose view of the limit lags gets UNAVAILABLE (REFUSED_STREAM, which gRPC retry policies "
+        "retry); 0 = auto: as many as the server takes calls at once, plus room for health checks",
     )
     body_timeout_s: float = Field(
         10.0,
