@@ -176,9 +176,23 @@ def _run_weights(client: AttentionClient, args: argparse.Namespace) -> None:
             print(f"{position:>8}  {name:>4}  {cells}")
 
 
+_EXPLAIN_EXTRA = {"tokenizers", "safetensors", "matplotlib"}  # what `pip install 'attnserve-client[explain]'` adds
+
+
 def _run_explain(client: AttentionClient, args: argparse.Namespace) -> None:
     """The `explain` command: print the report; write --png and --html."""
-    # Imported here: explain needs the `explain` extra (tokenizers, safetensors), which the other commands do not.
+    try:
+        _explain(client, args)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in _EXPLAIN_EXTRA:
+            raise
+        raise UsageError(
+            f"explain needs the explain extra ({error.name} is not installed): pip install 'attnserve-client[explain]'"
+        ) from None
+
+
+def _explain(client: AttentionClient, args: argparse.Namespace) -> None:
+    # Imported here: explain needs the `explain` extra, which the other commands do not.
     from attnserve_client.explain.explain import ExplainOptions, explain
     from attnserve_client.explain.render import render_html, render_png, render_text
 
