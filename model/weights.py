@@ -7,31 +7,15 @@ layout (``q_proj.weight`` is [d_model_out, d_model_in], y = x·Wᵀ + b), the na
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
 
-from model.checkpoints import CheckpointError, verified_sha256
-from model.checkpoints import file_sha256 as file_sha256  # where export and tests have always found it
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
-PARAM_NAMES = tuple(f"{p}.{kind}" for p in PROJECTIONS for kind in ("weight", "bias"))
-
-Weights = dict[str, np.ndarray]
-
-# BERT names of one layer's self-attention, relative to "encoder.layer.N.attention.".
-_BERT_NAMES = {
-    "q_proj": "self.query",
-    "k_proj": "self.key",
-    "v_proj": "self.value",
-    "out_proj": "output.dense",
-}
-
-
-class WeightsError(ValueError):
-    """A weights source that does not exist or does not fit; the message says which and why."""
+# The weights layout and its check, the checkpoint reader and the file hash live in the client, whose explain reads
+# BERT checkpoints too and may not import model/: one copy, re-exported here where export and tests find them.
+from attnserve_client.explain.checkpoints import bert_attention_weights, bert_prefix, check_layer, read_bert_config
+from attnserve_client.explain.checkpoints import file_sha256 as file_sha256
+from attnserve_client.explain.reference import PARAM_NAMES, PROJECTIONS, Weights, WeightsError, validate
 
 
 def seeded_weights(d_model: int, seed: int = 0) -> Weights:
@@ -43,21 +27,6 @@ def seeded_weights(d_model: int, seed: int = 0) -> Weights:
         weights[f"{proj}.weight"] = rng.uniform(-bound, bound, (d_model, d_model)).astype(np.float32)
         weights[f"{proj}.bias"] = rng.uniform(-bound, bound, (d_model,)).astype(np.float32)
     return weights
-
-
-def validate(weights: Weights, source: str) -> int:
-    """Check names and shapes; return d_model."""
-    missing = [n for n in PARAM_NAMES if n not in weights]
-    if missing:
-        found = ", ".join(sorted(weights)[:8]) or "nothing"
-        raise WeightsError(f"{source}: missing {', '.join(missing)}; expected {', '.join(PARAM_NAMES)} (found {found})")
-    d_model = weights["q_proj.weight"].shape[0]
-    for name in PARAM_NAMES:
-        want = (d_model, d_model) if name.endswith("weight") else (d_model,)
-        got = tuple(weights[name].shape)
-        if got != want:
-            raise WeightsError(f"{source}: {name} has shape {list(got)}, expected {list(want)} for d_model {d_model}")
-    return d_model
 
 
 def load_state_dict(path: Path) -> Weights:
@@ -85,53 +54,6 @@ def load_state_dict(path: Path) -> Weights:
     weights = {k: np.asarray(v, dtype=np.float32) for k, v in raw.items()}
     validate(weights, str(path))
     return {name: weights[name] for name in PARAM_NAMES}
-
-
-def read_bert_config(checkpoint_dir: Path) -> tuple[dict, str]:
-    """config.json of a BERT-family checkpoint directory (integer layers and heads checked) and the sha256 of the
-    model.safetensors beside it, which for a known checkpoint (model/checkpoints.py) must be the recorded one."""
-    checkpoint_dir = Path(checkpoint_dir)
-    config_path, tensors_path = checkpoint_dir / "config.json", checkpoint_dir / "model.safetensors"
-    for needed in (config_path, tensors_path):
-        if not needed.is_file():
-            raise WeightsError(
-                f"checkpoint {checkpoint_dir}: {needed.name} not found "
-                "(a BERT directory needs config.json and model.safetensors)"
-            )
-    config = json.loads(config_path.read_text())
-    layers, heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
-    if not isinstance(layers, int) or not isinstance(heads, int):
-        raise WeightsError(f"{config_path}: needs integer num_hidden_layers and num_attention_heads")
-    try:
-        return config, verified_sha256(checkpoint_dir)
-    except CheckpointError as e:
-        raise WeightsError(str(e)) from None
-
-
-def check_layer(checkpoint_dir: Path, config: dict, layer: int) -> None:
-    layers = config["num_hidden_layers"]
-    if not 0 <= layer < layers:
-        raise WeightsError(f"--layer {layer} is out of range: {checkpoint_dir} has layers 0..{layers - 1}")
-
-
-def bert_prefix(keys: Collection[str]) -> str:
-    """The key prefix: "bert." in checkpoints saved from a task model (BertForX), none in a bare BertModel's."""
-    return "bert." if any(k.startswith("bert.encoder.") for k in keys) else ""
-
-
-def bert_attention_weights(
-    keys: Collection[str], get: Callable[[str], np.ndarray], layer: int, source: str, prefix: str
-) -> Weights:
-    """Layer `layer`'s self-attention in PARAM_NAMES (BERT's Linear layers already use our layout)."""
-    weights: Weights = {}
-    for proj, bert_name in _BERT_NAMES.items():
-        for kind in ("weight", "bias"):
-            key = f"{prefix}encoder.layer.{layer}.attention.{bert_name}.{kind}"
-            if key not in keys:
-                raise WeightsError(f"{source}: tensor {key} not found; is this a BERT-family checkpoint?")
-            weights[f"{proj}.{kind}"] = np.asarray(get(key), dtype=np.float32)
-    validate(weights, f"{source} layer {layer}")
-    return weights
 
 
 def load_bert_layer(checkpoint_dir: Path, layer: int) -> tuple[Weights, int]:

@@ -16,12 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from model.checkpoints import installed_checkpoint, known_by_sha256
+from attnserve_client import AttentionClient
+from attnserve_client.explain.checkpoints import installed_checkpoint, known_by_sha256
+from attnserve_client.explain.explain import Checkpoint, ExplainOptions, Explanation, explain
+from attnserve_client.explain.render import render_html, render_png, render_text
 from model.export import is_model_dir, read_config
 from model.export import main as export_main
-from service.client import AttentionClient
-from service.explain import Checkpoint, ExplainOptions, Explanation, explain
-from service.explain_render import render_html, render_png, render_text
 from tests.server_process import ServerProcess, start_server
 
 SENTENCE = "The animal didn't cross the street because it was too tired."

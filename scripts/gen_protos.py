@@ -1,4 +1,5 @@
-"""Generate the Python gRPC code for every `proto/**/*.proto` into `service/_pb` (or `--out DIR`).
+"""Generate the Python gRPC code from `proto/`: every proto into `service/_pb`, attnserve.v1 into the client's
+`client/attnserve_client/_pb` (or every proto into `--out DIR`).
 
     python scripts/gen_protos.py [--out DIR]
 
@@ -10,8 +11,11 @@ are registered under, so `from service._pb.inference import grpc_service_pb2` wo
 package directory gets an `__init__.py`. A `_pb2_grpc.py` for a proto without services (nothing but a
 version check) is not kept.
 
+The client gets only the protos under `proto/attnserve/` (it calls attnserve.v1 alone), rewritten into its own
+package `attnserve_client._pb`: a distribution of its own, it never imports service/.
+
 The output is deterministic: same protos, same grpcio-tools -> same bytes. tests/unit/test_protos.py
-regenerates into a temporary directory and compares with the committed tree (`make protos` to refresh).
+regenerates each target into a temporary directory and compares with the committed tree (`make protos` to refresh).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "proto"
@@ -32,6 +38,24 @@ DEFAULT_OUT = ROOT / "service" / "_pb"
 PACKAGE = "service._pb"
 INIT_TEXT = '"""Generated; do not edit. Regenerate with `make protos`."""\n'
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+
+class Target(NamedTuple):  # not a dataclass: tests load this file without registering it as a module
+    """One committed generated tree: where it lives, the package it is imported as, the protos it holds."""
+
+    out_dir: Path
+    package: str
+    proto_dirs: tuple[str, ...] | None = None  # top-level directories of proto/ to take; None: every proto
+
+    def protos(self, proto_root: Path = PROTO_ROOT) -> list[Path]:
+        protos = proto_files(proto_root)
+        return protos if self.proto_dirs is None else [p for p in protos if p.parts[0] in self.proto_dirs]
+
+
+TARGETS = (
+    Target(DEFAULT_OUT, PACKAGE),
+    Target(ROOT / "client" / "attnserve_client" / "_pb", "attnserve_client._pb", ("attnserve",)),
+)
 
 
 def proto_files(proto_root: Path = PROTO_ROOT) -> list[Path]:
@@ -101,15 +125,17 @@ def _is_generated(rel: Path) -> bool:
     return rel.name == "__init__.py" or rel.name.endswith(GENERATED_SUFFIXES)
 
 
-def generate(out_dir: Path, *, proto_root: Path = PROTO_ROOT, package: str = PACKAGE) -> None:
-    """Write the generated code for every proto under proto_root into out_dir.
+def generate(
+    out_dir: Path, *, proto_root: Path = PROTO_ROOT, package: str = PACKAGE, protos: Sequence[Path] | None = None
+) -> None:
+    """Write the generated code for `protos` (default: every proto under proto_root) into out_dir.
 
     Files that are already identical are left untouched; generated files (`*_pb2.py`, `*_pb2.pyi`,
     `*_pb2_grpc.py`, `__init__.py`) that no proto produces any more are deleted, and so are directories
     left empty. Anything else in out_dir is left alone.
     """
     out_dir = Path(out_dir)
-    protos = proto_files(proto_root)
+    protos = proto_files(proto_root) if protos is None else list(protos)
     if not protos:
         raise RuntimeError(f"no .proto files under {proto_root}")
     files = _render(protos, proto_root, package)
@@ -133,10 +159,13 @@ def generate(out_dir: Path, *, proto_root: Path = PROTO_ROOT, package: str = PAC
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: service/_pb)")
+    parser.add_argument("--out", type=Path, help="every proto into this directory (default: the committed trees)")
     args = parser.parse_args(argv)
-    generate(args.out)
-    print(f"generated {len(proto_files())} protos into {args.out}")
+    targets = [Target(args.out, PACKAGE)] if args.out is not None else TARGETS
+    for target in targets:
+        protos = target.protos()
+        generate(target.out_dir, package=target.package, protos=protos)
+        print(f"generated {len(protos)} protos into {target.out_dir}")
     return 0
 
 

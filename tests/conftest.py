@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoints import installed_checkpoint
+from attnserve_client.explain.checkpoints import installed_checkpoint
 from model.export import main as export_main
 from tests.server_process import ServerProcess, start_server
 

@@ -193,6 +193,12 @@ def test_stages_build_cpu_by_default_from_pinned_bases(stages: dict[str, Stage])
             assert re.search(r":\d+\.\d+\.\d+-", stage.base), f"{stage.name}: base {stage.base} not pinned to x.y.z"
 
 
+def _local_artifact(path: Path) -> bool:
+    """Bytecode, and what `pip install ./client` leaves beside its sources: never meant for the builder."""
+    parts = path.relative_to(ROOT).parts
+    return "__pycache__" in parts or parts[:2] == ("client", "build") or any(p.endswith(".egg-info") for p in parts)
+
+
 def test_every_copy_from_the_context_exists_and_is_sent(stages: dict[str, Stage]) -> None:
     rules = ignore_rules()
     sources = {s for stage in stages.values() for s in context_copies(stage)}
@@ -201,7 +207,7 @@ def test_every_copy_from_the_context_exists_and_is_sent(stages: dict[str, Stage]
         path = ROOT / source
         assert path.exists(), f"COPY {source}: not in the repository"
         files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-        for file in (f for f in files if "__pycache__" not in f.parts):
+        for file in (f for f in files if not _local_artifact(f)):
             assert not ignored(rules, file.relative_to(ROOT).as_posix()), f"{file}: COPYed but .dockerignore drops it"
 
 
@@ -211,7 +217,14 @@ def test_dockerignore_sends_nothing_else(stages: dict[str, Stage]) -> None:
     for entry in ROOT.iterdir():
         if entry.name not in copied:
             assert ignored(rules, entry.name), f"{entry.name}: sent to the builder but never COPYed"
-    for path in ("service/__pycache__/server.cpython-311.pyc", "model/x.pyc", ".env", "tls/server.key"):
+    for path in (
+        "service/__pycache__/server.cpython-311.pyc",
+        "model/x.pyc",
+        ".env",
+        "tls/server.key",
+        "client/build/lib/attnserve_client/cli.py",
+        "client/attnserve_client.egg-info/PKG-INFO",
+    ):
         assert ignored(rules, path), path
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from attnserve_client import AttentionClient, WeightsQuery
 from model.export import read_model_dir
 from model.fused_graphs import build_mha_graph
 from model.reference import reference_attention, relative_l2
 from model.weights import seeded_weights
-from service.client import AttentionClient, WeightsQuery
 from tests.gpu.test_cuda_graphs import _cuda_session
 from tests.server_process import start_server
 

@@ -1,4 +1,4 @@
-"""service.client and the attnserve-client CLI against a real server, checked with the float64 numpy reference."""
+"""attnserve_client and the attnserve-client CLI against a real server, checked with the float64 numpy reference."""
 
 from __future__ import annotations
 
@@ -13,19 +13,19 @@ import grpc
 import numpy as np
 import pytest
 
-from model.export import read_model_dir
-from model.reference import reference_attention, relative_l2
-from service import __version__
-from service._pb.attnserve.v1 import attention_pb2 as pb
-from service.client import (
+from attnserve_client import (
     AsyncAttentionClient,
     AttendResult,
     AttentionClient,
     StreamError,
     StreamRequest,
     WeightsQuery,
-    main,
 )
+from attnserve_client._pb.attnserve.v1 import attention_pb2 as pb
+from attnserve_client.cli import main
+from model.export import read_model_dir
+from model.reference import reference_attention, relative_l2
+from service import __version__
 from tests.server_process import ServerProcess
 
 D_MODEL, HEADS = 512, 8

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from service._pb.attnserve.v1.attention_pb2_grpc import AttentionServiceStub
-from service.client import attend_request
+from attnserve_client._pb.attnserve.v1.attention_pb2_grpc import AttentionServiceStub
+from attnserve_client.client import attend_request
 from tests.server_process import start_server
 
 AGE_S = 1.0

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
+from attnserve_client import AttentionClient, UsageError
+from attnserve_client._pb.attnserve.v1 import attention_pb2 as pb
+from attnserve_client.cli import main
+from attnserve_client.explain.explain import Checkpoint, ExplainOptions, explain, served_layer
 from model.reference import reference_attention, relative_l2
 from model.weights import load_bert_layer
-from service._pb.attnserve.v1 import attention_pb2 as pb
-from service.client import AttentionClient, UsageError, main
-from service.explain import Checkpoint, ExplainOptions, explain, served_layer
 from tests.server_process import ServerProcess, start_server
 
 SENTENCE = "The animal didn't cross the street because it was too tired."

@@ -1,6 +1,6 @@
 """Replicas and failover on loopback: what Kubernetes gives at scale, with our side of it proved.
 
-Three service processes; one client whose channel names all three (service/channel_policy.py: round robin per
+Three service processes; one client whose channel names all three (attnserve_client/channel_policy.py: round robin per
 call, UNAVAILABLE retried). Under steady load one replica is SIGKILLed, then another SIGTERMed: every call is
 answered, at least 99.9% of them OK; the killed replica's share goes to the others; the SIGTERMed one drains
 (exit 0) while the client moves on."""
@@ -18,9 +18,8 @@ import grpc
 import numpy as np
 import pytest
 
+from attnserve_client import AsyncAttentionClient, replicas_target
 from bench.harness.servers import start_in_parallel
-from service.channel_policy import replicas_target
-from service.client import AsyncAttentionClient
 from tests.server_process import ServerProcess, start_server
 
 # Small requests, one engine thread each: three replicas share this machine's cores.

@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service._pb.attnserve.v1.attention_pb2_grpc import AttentionServiceStub
-from service.client import attend_request
+from attnserve_client._pb.attnserve.v1.attention_pb2_grpc import AttentionServiceStub
+from attnserve_client.client import attend_request
 from tests.server_process import ServerProcess, free_port, start_server
 
 CONNECTIONS = 32  # each lands on one process; all 32 on the same one: 2^-31

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import AttentionClient, StreamRequest, main
+from attnserve_client import AttentionClient, StreamRequest
+from attnserve_client.cli import main
 from tests.server_process import ServerProcess, start_server
 
 D_MODEL = 512

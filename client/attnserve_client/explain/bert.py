@@ -1,7 +1,7 @@
 """A numpy BERT encoder: the hidden states that enter layer N of a BERT-family checkpoint.
 
 Embeddings (word + position + token type, LayerNorm), then BertLayer 0..N-1 as transformers writes it:
-self-attention (model/reference.py, the float64 maths every served graph is checked against) + output dense,
+self-attention (reference.py, the float64 maths every served graph is checked against) + output dense,
 residual, LayerNorm; intermediate dense, GELU (exact, with erf, as BERT's "gelu"), output dense, residual,
 LayerNorm. float64 throughout. numpy + safetensors only: the explain client runs it without torch.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.reference import reference_attention
-from model.weights import WeightsError, bert_attention_weights, bert_prefix, check_layer, read_bert_config
+from attnserve_client.explain.checkpoints import bert_attention_weights, bert_prefix, check_layer, read_bert_config
+from attnserve_client.explain.reference import WeightsError, reference_attention
 
 _erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf; math.erf is exact, and a sentence is a few thousand calls
 
@@ -26,6 +26,7 @@ def gelu(x: np.ndarray) -> np.ndarray:
 
 
 def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis."""
     mean = x.mean(axis=-1, keepdims=True)
     var = x.var(axis=-1, keepdims=True)  # biased, as torch's LayerNorm
     return (x - mean) / np.sqrt(var + eps) * gamma + beta

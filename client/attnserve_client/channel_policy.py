@@ -12,7 +12,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-SERVICES = ("attnserve.v1.AttentionService", "inference.GRPCInferenceService")
+from attnserve_client._pb.attnserve.v1 import attention_pb2
+
+# The services this client calls, as its generated protos name them (it has stubs for no other).
+SERVICES = tuple(service.full_name for service in attention_pb2.DESCRIPTOR.services_by_name.values())
 RETRY_CODES = ("UNAVAILABLE",)
 
 
