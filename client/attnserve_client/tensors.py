@@ -22,7 +22,7 @@ def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> pb.Tensor:
     dtype = next((code for code, dt in DTYPES.items() if dt == little), None)
     if dtype is None:
         raise TypeError(f"{array.dtype} cannot travel as an attnserve.v1 Tensor; use float32, float16 or int32")
-    tensor.dtype = dtype
+    tensor.dtype = dtype  # type: ignore[assignment]  # the stubs type the enum field as DataType, not int
     tensor.shape[:] = array.shape
     tensor.data = np.ascontiguousarray(array, little).tobytes()
     return tensor

@@ -134,6 +134,7 @@ def render_png(e: Explanation, path: Path) -> None:
         title = f"{answer.sentence.text}\n{e.token!r} → {tokens[top]!r} {100 * matrix[answer.query, top]:.0f}%"
         ax.set_title("\n".join(textwrap.wrap(title, 60, replace_whitespace=False)), fontsize=9)
     figure.suptitle(f"attention weights, layer {e.layer} head {e.featured}", fontsize=11)
+    assert image is not None, "one panel per sentence, at least one"
     figure.colorbar(image, ax=list(axes), shrink=0.7, label="weight")
     figure.savefig(path, dpi=110)
 
