@@ -76,10 +76,17 @@ def method_table(
     return table
 
 
+def streams_per_connection(settings: Settings) -> int:
+    """The HTTP/2 stream cap per connection: the setting, else max_concurrent_rpcs and the probes' room. Not the
+    budget's lower call cap: the calls past it are refused by the gate with RESOURCE_EXHAUSTED, while a stream
+    cap a busy client exceeds is refused at the HTTP/2 layer (REFUSED_STREAM, seen as UNAVAILABLE)."""
+    return settings.max_streams_per_connection or settings.max_concurrent_rpcs + PROBE_HEADROOM
+
+
 def grpc_server(gate: CallGate, settings: Settings) -> grpc.aio.Server:
     return grpc.aio.server(
         handlers=[gate],
-        options=_channel_options(settings, gate.policy.max_calls + PROBE_HEADROOM),
+        options=_channel_options(settings, streams_per_connection(settings)),
         maximum_concurrent_rpcs=gate.policy.max_calls + PROBE_HEADROOM,
     )
 

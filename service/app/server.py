@@ -13,7 +13,6 @@ from grpc_health.v1.health import aio as health_aio
 from service.api.gate import CallGate
 from service.api.status import code_name
 from service.app import build
-from service.app.build import PROBE_HEADROOM
 from service.app.settings import Secrets, Settings, read_secrets
 from service.core.dataplane import DataPlane
 from service.core.errors import ListenError
@@ -62,7 +61,7 @@ class AttnServer:
             "limits: memory budget %d MiB (%s); at most %d calls at once (%d streaming, %d answers pending per "
             "stream, %d per connection), messages ≤ %d MiB, request message due %g s after the headers",
             budget >> 20, budget_source, gate_policy.max_calls, gate_policy.max_streams,
-            settings.max_stream_pending, settings.max_streams_per_connection or gate_policy.max_calls + PROBE_HEADROOM,
+            settings.max_stream_pending, build.streams_per_connection(settings),
             settings.max_message_bytes >> 20,
             gate_policy.body_timeout_s,
         )  # fmt: skip

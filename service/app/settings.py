@@ -140,7 +140,7 @@ class Settings(BaseSettings):
         ge=0,
         description="HTTP/2 streams (calls) one client connection may have open at once; an HTTP/2 client queues "
         "more, and one whose view of the limit lags gets UNAVAILABLE (REFUSED_STREAM, which gRPC retry policies "
-        "retry); 0 = auto: as many as the server takes calls at once, plus room for health checks",
+        "retry); 0 = auto: max_concurrent_rpcs, plus room for health checks",
     )
     body_timeout_s: float = Field(
         10.0,
