@@ -44,9 +44,10 @@ WORKDIR /src
 COPY --from=requirements /requirements/ /requirements/
 # A venv: a base may have no global pip (Debian's python3). torch alone from TORCH_INDEX_URL, then the rest from the
 # default index: the onnxruntime and numpy that check parity here are the ones the cpu image serves with.
+# --no-compile: this stage is thrown away, and bytecode for all of torch costs time and layer size for one export.
 RUN python3 -m venv /opt/venv \
- && pip install --index-url "${TORCH_INDEX_URL}" -r /requirements/torch.txt \
- && pip install -r /requirements/export.txt -r /requirements/cpu.txt
+ && pip install --no-compile --index-url "${TORCH_INDEX_URL}" -r /requirements/torch.txt \
+ && pip install --no-compile -r /requirements/export.txt -r /requirements/cpu.txt
 COPY model/ model/
 # model/ reads checkpoints and runs the float64 reference through the client's copy of them; its dependencies
 # (grpcio, protobuf, numpy) came with cpu.txt above.
