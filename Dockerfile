@@ -66,6 +66,9 @@ RUN python -m model.export --out /models/attention ${EXPORT_ARGS} \
 # with it on and no writable home, every start also warns that it cannot persist a device id.
 
 FROM ${PYTHON_IMAGE} AS base-cpu
+# Not empty: buildah commits an empty stage under a new id on every build, and nothing built on it would come from
+# its layer cache (the runtime's pip install on every change of service/).
+ARG PROVIDER
 
 FROM ${CUDA_IMAGE} AS base-cuda
 ARG DEBIAN_FRONTEND=noninteractive

@@ -279,7 +279,7 @@ def test_runtime_carries_no_torch_and_no_model_source(tmp_path: Path) -> None:
 
 def test_cpu_and_cuda_share_everything_after_the_base(stages: dict[str, Stage]) -> None:
     """One runtime stage: a cpu build runs every instruction the cuda image gets after its base."""
-    assert stages["base-cpu"].instructions == []
+    assert {i.keyword for i in stages["base-cpu"].instructions} <= {"ARG"}  # the Python image as it comes
     assert {i.keyword for i in stages["base-cuda"].instructions} <= {"ARG", "RUN"}  # python3 from Ubuntu
     runtime = stages[RUNTIME]
     assert [a.args for a in runtime.each("ARG")][:1] == ["PROVIDER"], "PROVIDER must be declared in the stage"
