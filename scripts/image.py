@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -45,6 +47,8 @@ STAND_IN_PACKAGES = "python3,python3-venv,ca-certificates"
 STAND_IN_SUITE = "bookworm"  # the official base's Debian release
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's ca-certificates bundle
+# One build at a time per machine (checkouts share podman's storage and the stand-in base).
+LOCK = Path("/var/tmp/attnserve-image.lock")
 MOUNT_ROOT = "/mnt"  # empty in every Debian and Ubuntu base: mounts under it leave no mount points in a layer
 PIP_CONFIG_IN_BUILD = f"{MOUNT_ROOT}/pip.conf"
 # pip options that name files or folders on the host; they are mounted and rewritten. Others that only make sense
@@ -319,7 +323,23 @@ def inputs_hash(build_args: dict[str, str], base_id: str) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def machine_lock() -> Iterator[None]:
+    with LOCK.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another build to finish ({LOCK})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def build(tag: str, provider: str) -> int:
+    with machine_lock():
+        return _build(tag, provider)
+
+
+def _build(tag: str, provider: str) -> int:
     base = ensure_base()
     base_id = image_field(base, "{{.Id}}")
     settings = host_pip_settings()

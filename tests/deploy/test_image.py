@@ -8,8 +8,10 @@ Without a working podman the module fails in one line: it never skips.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -35,7 +37,10 @@ from tests.triton_tools import run_triton_client
 pytestmark = [pytest.mark.image, pytest.mark.timeout(1800)]  # a fresh machine builds the base and the image
 
 ROOT = Path(__file__).resolve().parents[2]
-TAG = "attnserve:cpu"
+# A tag per checkout: another checkout's test may build its own tree meanwhile. Layers are shared, so a tree that
+# `make image` already built (attnserve:cpu) is tagged here in seconds.
+TAG = f"attnserve:test-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
+PID_LABEL = "org.attnserve.test-pid"  # containers of a test run killed before its clean-up are removed by the next
 # 384 MiB on the Debian-built stand-in base (python3 3.11 from bookworm, 2026-12); the official slim base is of the
 # same order. Past this, something (torch, a CUDA wheel, a cache) got in: look before raising it.
 SIZE_BOUND_MIB = 450
@@ -76,13 +81,25 @@ def engine() -> list[str]:
     if done.returncode != 0:
         pytest.fail(f"make print-engine failed: {one_line(done.stderr)}", pytrace=False)
     argv = shlex.split(done.stdout.strip())
-    try:
-        info = subprocess.run([*argv, "info"], capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        pytest.fail("podman is not installed and make system-deps did not install it", pytrace=False)
+    if shutil.which("podman") is None:
+        pytest.fail("podman is not installed: make system-deps installs it (make test does)", pytrace=False)
+    info = subprocess.run([*argv, "info"], capture_output=True, text=True, timeout=120)
     if info.returncode != 0:
         pytest.fail(f"podman cannot run here: {one_line(info.stderr)}", pytrace=False)
+    remove_leftovers(argv)
     return argv
+
+
+def remove_leftovers(engine: list[str]) -> None:
+    """Containers of earlier runs of this test whose pytest process is gone (a timeout, a kill)."""
+    template = '{{.Names}} {{index .Labels "' + PID_LABEL + '"}}'  # a Go template
+    listed = subprocess.run(
+        [*engine, "ps", "--all", "--filter", f"label={PID_LABEL}", "--format", template],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    for name, pid in (line.split() for line in listed.stdout.splitlines() if len(line.split()) == 2):
+        if not Path(f"/proc/{pid}").exists():
+            subprocess.run([*engine, "rm", "--force", "--time", "0", name], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +151,8 @@ def run(
     # Ports through the environment, so that the image's HEALTHCHECK probes the one the server listens on.
     variables = {"ATTNSERVE_GRPC_PORT": container.grpc_port, "ATTNSERVE_METRICS_PORT": container.metrics_port}
     argv = [
-        "run", "--detach", "--name", container.name, "--read-only", "--network", "host",
+        "run", "--detach", "--name", container.name, "--label", f"{PID_LABEL}={os.getpid()}",
+        "--read-only", "--network", "host",
         "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
         *(arg for key, value in {**variables, **(env or {})}.items() for arg in ("--env", f"{key}={value}")),
         *(arg for host, inside in (mounts or {}).items() for arg in ("--volume", f"{host}:{inside}:ro")),
