@@ -6,9 +6,17 @@ heredoc, so that every builder (BuildKit, buildah) reads the Dockerfile alike. S
 
 from __future__ import annotations
 
+import re
 import sys
 import tomllib
 from pathlib import Path
+
+# Distributions of this repository, on no index: the export stage installs them from the build context.
+LOCAL = ("attnserve-client",)
+
+
+def name(requirement: str) -> str:
+    return re.split(r"[\[=<>!~; ]", requirement, maxsplit=1)[0].lower()
 
 
 def write_requirements(pyproject: Path, out: Path) -> None:
@@ -25,7 +33,8 @@ def write_requirements(pyproject: Path, out: Path) -> None:
     (out / "cpu.txt").write_text("\n".join(cpu) + "\n")
     (out / "cuda.txt").write_text("\n".join(runtime) + "\n")
     (out / "torch.txt").write_text("\n".join(r for r in export if r.startswith("torch==")) + "\n")
-    (out / "export.txt").write_text("\n".join(r for r in export if not r.startswith("torch==")) + "\n")
+    rest = [r for r in export if not r.startswith("torch==") and name(r) not in LOCAL]
+    (out / "export.txt").write_text("\n".join(rest) + "\n")
 
 
 if __name__ == "__main__":

@@ -271,7 +271,9 @@ def test_runtime_carries_no_torch_and_no_model_source(tmp_path: Path) -> None:
         assert not [p for p in pins if "torch" in p], provider
         onnxruntime = "onnxruntime-gpu" if provider == "cuda" else "onnxruntime"
         assert [p for p in pins if p.startswith("onnxruntime")] == [gpu_pin.replace("onnxruntime-gpu", onnxruntime)]
+    assert "attnserve-client" not in (tmp_path / "export.txt").read_text()  # on no index: from client/ instead
     export = " ".join(run.args for run in stages_for("cpu")["export"].each("RUN"))
+    assert "pip install --no-deps ./client" in export
     assert f"python -m model.export --out {MODEL_DIR}" in export
     assert "chmod -R a-w /models" in export  # the served model is read-only
     assert '--index-url "${TORCH_INDEX_URL}"' in export  # a build argument: PyTorch's CPU index by default
