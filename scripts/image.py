@@ -22,6 +22,7 @@ import argparse
 import configparser
 import contextlib
 import fcntl
+import fnmatch
 import hashlib
 import os
 import re
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,9 +122,9 @@ def apt_mirror() -> str:
     """The Debian mirror apt uses here (sources.list or deb822 .sources), else deb.debian.org."""
     files = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt").glob("sources.list.d/*"))]
     for text in (f.read_text() for f in files if f.is_file()):
-        for uri in re.findall(r"^(?:deb\s+(?:\[[^]]*\]\s+)?|URIs:\s*)(\S+)", text, re.MULTILINE):
-            if re.search(r"/debian/?$", uri):  # not debian-security, not a third-party repository
-                return uri.rstrip("/")
+        for match in re.finditer(r"^(?:deb\s+(?:\[[^]]*\]\s+)?|URIs:\s*)(\S+)", text, re.MULTILINE):
+            if re.search(r"/debian/?$", match.group(1)):  # not debian-security, not a third-party repository
+                return match.group(1).rstrip("/")
     return DEBIAN_MIRROR
 
 
@@ -299,18 +300,30 @@ def torch_index(settings: dict[str, str]) -> str:
 # The build.
 
 
+def excluded(relative: PurePosixPath, patterns: list[str]) -> bool:
+    """Whether a .dockerignore exclusion drops the path: `**/x` matches any part, `a/b` a leading path."""
+    for pattern in patterns:
+        if pattern.startswith("**/"):
+            if any(fnmatch.fnmatch(part, pattern[3:]) for part in relative.parts):
+                return True
+        elif any(fnmatch.fnmatch("/".join(relative.parts[:n]), pattern) for n in range(1, len(relative.parts) + 1)):
+            return True
+    return False
+
+
 def context_files() -> Iterator[Path]:
-    """What the build reads from the repository: the Dockerfile, .dockerignore and its allowlist (`!` lines)."""
+    """What the build reads from the repository: the Dockerfile, .dockerignore, its allowlist (`!` lines) less its
+    exclusions (bytecode, a local pip install's leftovers)."""
     yield DOCKERFILE
     ignore = ROOT / ".dockerignore"
     yield ignore
-    for line in ignore.read_text().splitlines():
-        if line.startswith("!"):
-            path = ROOT / line[1:].strip().strip("/")
-            files = sorted(path.rglob("*")) if path.is_dir() else [path]
-            for file in files:
-                if file.is_file() and "__pycache__" not in file.parts and file.suffix not in (".pyc", ".pyo"):
-                    yield file
+    lines = [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    exclusions = [line.strip("/") for line in lines if not line.startswith("!") and line != "*"]
+    for line in (line for line in lines if line.startswith("!")):
+        path = ROOT / line[1:].strip("/")
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file() and not excluded(PurePosixPath(file.relative_to(ROOT).as_posix()), exclusions):
+                yield file
 
 
 def inputs_hash(build_args: dict[str, str], base_id: str) -> str:

@@ -23,13 +23,13 @@ import grpc
 import numpy as np
 import pytest
 
+from attnserve_client import AttentionClient
 from model.export import read_model_dir
 from model.reference import reference_attention, relative_l2
 from service._pb.attnserve.v1 import attention_pb2 as v1
 from service._pb.attnserve.v1 import attention_pb2_grpc as v1_grpc
 from service.api.v1_codec import tensor_from_pb, tensor_to_pb
-from service.client import AttentionClient
-from service.healthcheck import health_status
+from service.app.healthcheck import health_status
 from tests.integration.test_security import SERVER_NAME, _write_certificates
 from tests.server_process import free_port
 from tests.triton_tools import run_triton_client
