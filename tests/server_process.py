@@ -45,6 +45,15 @@ class ServerProcess:
     def log(self) -> str:
         return "".join(self.log_lines)
 
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the server's log (stderr), for a failure message."""
+        return "".join(self.log_lines[-lines:])
+
+    def state(self) -> str:
+        """'running', or how the process ended, for a failure message."""
+        code = self.process.poll()
+        return "running" if code is None else f"exited with {code}"
+
     def terminate(self) -> None:
         """SIGTERM: the server drains and exits."""
         self.process.send_signal(signal.SIGTERM)
@@ -65,6 +74,26 @@ class ServerProcess:
             for sample in family.samples
             if sample.name == name and labels.items() <= sample.labels.items()
         )
+
+    def wait_for_metric(self, name: str, at_least: float, timeout_s: float = 30.0, **labels: str) -> float:
+        """Poll `metric(name, **labels)` until it is at least `at_least`; that value. A test that needs the
+        server in some state (a request running, one dropped) waits for the server to report it: a fixed
+        sleep is a guess that a loaded machine can prove wrong. On timeout, an AssertionError with every value
+        seen (and when) and the server's log tail."""
+        started = time.monotonic()
+        seen: list[tuple[float, float]] = []
+        while (value := self.metric(name, **labels)) < at_least:
+            elapsed = time.monotonic() - started
+            if not seen or seen[-1][1] != value:
+                seen.append((elapsed, value))
+            if elapsed > timeout_s:
+                history = ", ".join(f"{value:g} at {at:.2f} s" for at, value in seen)
+                raise AssertionError(
+                    f"{name}{labels or ''} did not reach {at_least:g} in {timeout_s:g} s (seen: {history}); "
+                    f"server {self.state()}; its log ends:\n{self.log_tail()}"
+                )
+            time.sleep(0.01)
+        return value
 
 
 def stop_process(process: subprocess.Popen, grace_s: float) -> int:

@@ -106,10 +106,12 @@ def test_expired_and_cancelled_requests_never_reach_the_engine(one_thread: Serve
         async with _channel(one_thread) as channel:
             call = channel.unary_unary(ATTEND)
             long = asyncio.create_task(_timed(call, _request(LONG, 1)))
-            await asyncio.sleep(0.05)  # the long run has the only engine thread
-            expiring = asyncio.create_task(_timed(call, _request(16, 2), timeout=0.1))
+            # Waits on what the server reports, not fixed pauses: the long request is 16 MiB to send and parse,
+            # and a request that got there first would take the engine thread and run.
+            await asyncio.to_thread(one_thread.wait_for_metric, "attnserve_inflight_requests", 1)
             left = call(_request(16, 3))  # queued, then its client goes away
-            await asyncio.sleep(0.05)
+            await asyncio.to_thread(one_thread.wait_for_metric, "attnserve_queue_depth", 1)
+            expiring = asyncio.create_task(_timed(call, _request(16, 2), timeout=0.1))
             left.cancel()
             return await long, await expiring, (left.cancelled(),)
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from service.api.v1_codec import tensor_from_pb, tensor_to_pb
 from service.app.healthcheck import health_status
 from tests.server_process import ServerProcess, free_port, server_command, start_server
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
 SERVICES = ("", "inference.GRPCInferenceService", "attnserve.v1.AttentionService")
 
 
@@ -168,29 +170,55 @@ def test_port_in_use_is_a_clear_error(served_model: Path, server: ServerProcess)
     assert done.returncode == 1 and f"gRPC cannot listen on 127.0.0.1:{server.grpc_port}" in done.stderr
 
 
-def _inflight(process: ServerProcess) -> int:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{process.metrics_port}/metrics", timeout=5).read().decode()
-    line = next(line for line in body.splitlines() if line.startswith("attnserve_inflight_requests "))
-    return int(float(line.split()[1]))
+INFLIGHT = "attnserve_inflight_requests"
+
+
+async def _call_states(calls: list[grpc.aio.UnaryUnaryCall]) -> dict[str, int]:
+    """How many calls are pending, and how many ended with each code and details."""
+    states: Counter[str] = Counter()
+    for call in calls:
+        states[f"{(await call.code()).name} {await call.details()!r}" if call.done() else "pending"] += 1
+    return dict(states)
+
+
+async def _in_flight(process: ServerProcess, count: int, channel: grpc.aio.Channel, calls: list) -> int:
+    """Wait (in a thread: the calls go on meanwhile) until the server has `count` requests in flight; if it
+    never does, the error tells the client's side too: the channel's state and how each call ended."""
+    try:
+        return int(await asyncio.to_thread(process.wait_for_metric, INFLIGHT, count))
+    except AssertionError as e:
+        client = f"client: channel {channel.get_state().name}, calls {await _call_states(calls)}"
+        raise AssertionError(f"{client}\n{e}") from None
+
+
+async def _until_draining(process: ServerProcess, channel: grpc.aio.Channel) -> None:
+    """Until health says NOT_SERVING: the server has taken the SIGTERM and answers new calls UNAVAILABLE."""
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 30
+    while (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status == SERVING:
+        assert time.monotonic() < deadline, (
+            f"SERVING 30 s after SIGTERM; server {process.state()}:\n{process.log_tail()}"
+        )
+        await asyncio.sleep(0.01)
 
 
 async def _drain_scenario(process: ServerProcess, long: np.ndarray, short: np.ndarray, count: int) -> tuple:
     big = [("grpc.max_send_message_length", 1 << 26), ("grpc.max_receive_message_length", 1 << 26)]
     async with grpc.aio.insecure_channel(process.address, options=big) as ch:
         stub = v1_grpc.AttentionServiceStub(ch)
-        # One long request holds the single engine thread; the short ones queue behind it, all accepted.
+        # One long request holds the single engine thread; the short ones queue behind it, all accepted. They
+        # go once the server has the long one: it is 16 MiB to send and parse, so on a loaded machine a short
+        # one sent after a fixed pause can get there first, take the idle engine thread and be done before
+        # the long one arrives, and 21 are never in flight together.
         calls = [stub.Attend(v1.AttendRequest(id="long", hidden_states=tensor_to_pb(long)), timeout=120)]
-        await asyncio.sleep(0.2)
+        await _in_flight(process, 1, ch, calls)
         calls += [
             stub.Attend(v1.AttendRequest(id=str(i), hidden_states=tensor_to_pb(short)), timeout=120)
             for i in range(count)
         ]
-        deadline = time.monotonic() + 30
-        while (inflight := await asyncio.to_thread(_inflight, process)) < count + 1:
-            assert time.monotonic() < deadline, f"only {inflight} requests reached the server"
-            await asyncio.sleep(0.01)
+        inflight = await _in_flight(process, count + 1, ch, calls)
         process.terminate()
-        await asyncio.sleep(0.1)
+        await _until_draining(process, ch)  # a late call sent sooner could still find the server ready
         try:
             await stub.Attend(v1.AttendRequest(hidden_states=tensor_to_pb(short)), timeout=10)
             late = grpc.StatusCode.OK
@@ -206,7 +234,11 @@ def test_sigterm_drains_twenty_in_flight_requests(served_model: Path) -> None:
     rng = np.random.default_rng(3)
     long = rng.standard_normal((8, 1024, config["d_model"]), dtype=np.float32)
     short = rng.standard_normal((1, 64, config["d_model"]), dtype=np.float32)
-    results, late, inflight, exit_code = asyncio.run(_drain_scenario(process, long, short, 20))
+    try:
+        results, late, inflight, exit_code = asyncio.run(_drain_scenario(process, long, short, 20))
+    finally:
+        if process.process.poll() is None:  # the scenario failed before the server exited
+            process.process.kill()
     assert inflight == 21  # SIGTERM came with the long request and all twenty short ones in flight
     failures = [r for r in results if isinstance(r, BaseException)]
     assert not failures, failures[:3]
