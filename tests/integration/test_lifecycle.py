@@ -192,10 +192,18 @@ async def _in_flight(process: ServerProcess, count: int, channel: grpc.aio.Chann
 
 
 async def _until_draining(process: ServerProcess, channel: grpc.aio.Channel) -> None:
-    """Until health says NOT_SERVING: the server has taken the SIGTERM and answers new calls UNAVAILABLE."""
+    """Until the server has taken the SIGTERM: health says NOT_SERVING, or the check itself is refused (the drain
+    sends GOAWAY at once, so a new call on this connection may end CANCELLED or UNAVAILABLE)."""
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 30
-    while (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status == SERVING:
+    while True:
+        try:
+            if (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status != SERVING:
+                return
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE):
+                return
+            raise
         assert time.monotonic() < deadline, (
             f"SERVING 30 s after SIGTERM; server {process.state()}:\n{process.log_tail()}"
         )
