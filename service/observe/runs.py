@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from service.observe.metrics import Metrics, NullMetrics
+from service.observe.metrics import Metrics
 from service.observe.stats import ModelStats
 
 
@@ -16,7 +16,7 @@ class Estimates(Protocol):
 
 
 class RunRecorder:
-    def __init__(self, metrics: Metrics | NullMetrics, stats: ModelStats, estimates: Estimates) -> None:
+    def __init__(self, metrics: Metrics, stats: ModelStats, estimates: Estimates) -> None:
         self.metrics = metrics
         self.stats = stats
         self.estimates = estimates
