@@ -33,6 +33,7 @@ from typing import TextIO
 import grpc
 import numpy as np
 
+from bench.harness.cpu import process_cpu_s
 from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, OVERFLOW, bucket_labels, parse_bounds, seq_bucket
 from tests.load.workload import APIS, LengthMix, Request, Target, build_target, model_dir_reference
 
@@ -65,6 +66,7 @@ class LoadConfig:
     progress: bool = False  # a progress line on stderr, once a second
     seq_buckets: tuple[int, ...] = DEFAULT_SEQ_BUCKETS
     seed: int = 0  # Poisson arrivals
+    server_pid: int | None = None  # measure this process's CPU over the measured phase (/proc)
 
     @property
     def mode(self) -> str:
@@ -113,6 +115,12 @@ class LoadResult:
     mode: str = ""
     by_bucket: dict[str, Percentiles] = field(default_factory=dict)  # seq bucket -> its answered calls
     seqs: list[int] = field(default_factory=list, repr=False)  # sequence length of each latency
+    server_cpu_s: float = 0.0  # CPU the server process used over the measured phase (LoadConfig.server_pid)
+
+    @property
+    def server_cpu_us_per_request(self) -> float:
+        """Server CPU (all its threads) per answered request, in µs; nan when not measured."""
+        return self.server_cpu_s / self.count * 1e6 if self.count and self.server_cpu_s else float("nan")
 
     @property
     def error_count(self) -> int:
@@ -165,7 +173,9 @@ class LoadResult:
             recorder.sent += r.sent
             recorder.checked += r.checked
         elapsed = sum(r.elapsed_s for r in results)
-        return recorder.result(first.target, first.concurrency, first.channels, first.mode, elapsed)
+        merged = recorder.result(first.target, first.concurrency, first.channels, first.mode, elapsed)
+        merged.server_cpu_s = sum(r.server_cpu_s for r in results)
+        return merged
 
 
 class _Recorder:
@@ -402,8 +412,11 @@ async def run_load_async(address: str, target: Target, config: LoadConfig) -> Lo
         if warm is not None and warm.checked:
             measured.recorder.checked = warm.checked  # the first answer was checked in the warm-up
         loop = open_loop if config.rate_rps is not None else stream_loop if config.stream else closed_loop
+        cpu_before = process_cpu_s(config.server_pid) if config.server_pid else 0.0
         recorder = await _phase(loop, measured, channels, sys.stderr if config.progress else None)
         result = recorder.result(target.name, config.concurrency, config.channels, config.mode)
+        if config.server_pid:
+            result.server_cpu_s = process_cpu_s(config.server_pid) - cpu_before
         if warm is not None:  # a wrong answer in the warm-up is reported, not dropped
             for code, n in warm.errors.items():
                 if code == BAD_RESPONSE:
