@@ -33,6 +33,9 @@ async def serve(settings: Settings, secrets: Secrets) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    import os as _o
+
+    sys.setswitchinterval(float(_o.environ.get("PYSWITCH", "0.005")))
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         settings = parse_settings(argv)

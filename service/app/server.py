@@ -43,7 +43,14 @@ class AttnServer:
         self.metrics = (Metrics if settings.metrics else NullMetrics)(settings.seq_bucket_bounds)
         workers = settings.engine_workers or usable_cores()
         policy = build.batch_policy(settings, self.engine)
-        self.batcher = Batcher(self.engine, policy, workers, self.metrics, nice=settings.engine_nice)
+        self.batcher = Batcher(
+            self.engine,
+            policy,
+            workers,
+            self.metrics,
+            nice=settings.engine_nice,
+            inline_max_tokens=settings.inline_max_tokens,
+        )
         log.info("batching: %s; %d engine threads", policy.describe(), workers)
         budget, budget_source = memory_budget(settings.memory_budget_mb)
         limits = build.limits(settings, model)
@@ -67,6 +74,7 @@ class AttnServer:
         )  # fmt: skip
         table = build.method_table(self.dataplane, observer, self.health, settings)
         self.gate = CallGate(table, gate_policy, observer, build.observed_methods())
+        self.batcher.calls_in_progress = lambda: self.gate.calls
         self.server = build.grpc_server(self.gate, settings)
         self.health_server = build.health_server(settings, self.health)
         self.grpc_port = 0

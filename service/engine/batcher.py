@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,6 +36,11 @@ from service.host.thread_priority import lower_this_thread
 from service.observe.metrics import Metrics, NullMetrics
 from service.observe.runs import RunRecorder
 from service.observe.stats import ModelStats
+
+# A request computed on the loop's thread uses one intra-op thread up to this many tokens, and computes there even
+# when other calls are in progress: at (1,16,512) waking a second thread costs more CPU than it saves time, and a
+# hop to an engine thread and back about as much as the compute (bench/serve_bench.py).
+INLINE_SINGLE_THREAD_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class Run:
 
     members: list[Waiting]
     narrow: bool
-    control: RunControl = field(default_factory=RunControl)
+    control: RunControl | None = None  # engine-thread runs only: lets the loop stop a run nobody waits for
     batch: Batch | None = None  # set by the engine thread once the valid members are assembled
     failed: dict[int, ServiceError] = field(default_factory=dict)  # member index -> why it was left out
 
@@ -73,6 +79,7 @@ class Batcher:
         metrics: Metrics | None = None,
         stats: ModelStats | None = None,
         nice: int = 0,
+        inline_max_tokens: int = 0,
     ) -> None:
         """nice: how far below the event loop the engine threads run (service/host/thread_priority.py)."""
         self.engine = engine
@@ -90,8 +97,12 @@ class Batcher:
         self._running: set[Run] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._schedule_due = False
         self._wide = threading.Lock()  # one all-cores run at a time
-        self.runs = {"wide": 0, "narrow": 0}  # how batches ran, for tests and metrics
+        self.runs = {"wide": 0, "narrow": 0, "inline": 0}  # how batches ran, for tests and metrics
+        self.inline_max_tokens = inline_max_tokens
+        # Calls the edges have in progress (set once they exist): a lone one may compute on the loop.
+        self.calls_in_progress: Callable[[], int] = lambda: 1
 
     async def submit(self, request: AttentionRequest) -> tuple[Computed, float]:
         """(this request's share of its batch's output, seconds queued). Raises ResourceExhausted when the
@@ -103,6 +114,8 @@ class Batcher:
         need_s = self.run_times.estimate(request)
         if (late := self._deadline_lost(request, time.monotonic(), need_s, waited_s=0.0)) is not None:
             raise late
+        if self._can_run_now(request):
+            return self._run_now(request, now), 0.0
         waiting = Waiting(request, now, asyncio.get_running_loop().create_future(), need_s / self.workers)
         try:
             self.queue.put(waiting)
@@ -110,8 +123,33 @@ class Batcher:
             self.metrics.observe_dropped("queue_full")
             # Retry-pushback: about when the queue has emptied; sooner would likely find it full again.
             raise ResourceExhausted(f"{e}; retry later or on another replica", self.queue.cost_s) from None
-        self._schedule()
+        self._schedule_soon()
         computed: tuple[Computed, float] = await waiting.tag
+        return computed
+
+    def _can_run_now(self, request: AttentionRequest) -> bool:
+        """Whether a request computes at once, on the loop's thread: it finds nothing running and nothing waiting,
+        and it is either tiny (one intra-op thread: the loop spends on it what an engine thread would, minus the
+        hops) or alone (the only call in progress, so holding the loop delays nobody) and small."""
+        if self._running or self.queue.requests or request.weights is not None or self.policy.max_queue_delay_s:
+            return False  # (with a queue delay, the policy says wait for company)
+        tokens = request.batch_size * request.seq_len
+        return tokens <= INLINE_SINGLE_THREAD_TOKENS or (
+            tokens <= self.inline_max_tokens and self.calls_in_progress() <= 1
+        )
+
+    def _run_now(self, request: AttentionRequest, now: float) -> Computed:
+        """Compute one request here, on the event loop's thread: no hop to an engine thread and back, no thread
+        to wake, no future; the loop is held for as long as a small run takes (inline_max_tokens bounds it)."""
+        tokens = request.batch_size * request.seq_len
+        narrow = tokens <= INLINE_SINGLE_THREAD_TOKENS and self.engine.can_run_narrow(tokens, False)
+        run = Run([Waiting(request, now)], narrow)
+        self.runs["inline"] += 1
+        computed = self._compute(run)
+        if run.failed:
+            raise run.failed[0]
+        assert computed is not None and run.batch is not None
+        self._record(run.batch, computed)
         return computed
 
     @property
@@ -138,6 +176,16 @@ class Batcher:
             self._start(members)
         self._arm_timer()
 
+    def _schedule_soon(self) -> None:
+        """Schedule once the loop has read what already arrived: requests that came together run together."""
+        if not self._schedule_due:
+            self._schedule_due = True
+            asyncio.get_running_loop().call_soon(self._scheduled)
+
+    def _scheduled(self) -> None:
+        self._schedule_due = False
+        self._schedule()
+
     def _arm_timer(self) -> None:
         due = self.queue.next_due() if self._free_workers > 0 else None
         if due is None:
@@ -162,15 +210,13 @@ class Batcher:
         tokens = sum(w.tokens for w in live)
         want_probs = live[0].request.weights is not None
         busy = len(self._running) > 0 or len(self.queue) > 0
-        run = Run(live, narrow=busy and self.engine.can_run_narrow(tokens, want_probs))
+        run = Run(live, narrow=busy and self.engine.can_run_narrow(tokens, want_probs), control=RunControl())
         self.runs["narrow" if run.narrow else "wide"] += 1
         self._free_workers -= 1
         self._running.add(run)
         for waiting in live:
             waiting.tag.add_done_callback(lambda _, run=run: self._stop_if_abandoned(run))
-        started = time.perf_counter()
-        future = asyncio.wrap_future(self._executor.submit(self._compute, run))
-        future.add_done_callback(lambda f: self._finish(run, started, f))
+        self._executor.submit(self._compute_and_report, run, time.perf_counter(), asyncio.get_running_loop())
 
     def _still_wanted(self, waiting: Waiting, now: float) -> bool:
         """False (and the request answered and counted) when its client left or its deadline is lost."""
@@ -202,30 +248,42 @@ class Batcher:
         )
 
     def _stop_if_abandoned(self, run: Run) -> None:
-        if run in self._running and all(w.tag.cancelled() for w in run.members):
+        if run in self._running and run.control is not None and all(w.tag.cancelled() for w in run.members):
             run.control.stop()  # nobody waits for this run: free its engine thread now
 
-    def _finish(self, run: Run, started: float, future: asyncio.Future[Computed | None]) -> None:
+    def _compute_and_report(self, run: Run, started: float, loop: asyncio.AbstractEventLoop) -> None:
+        """On an engine thread: compute, then hand the outcome to the loop in one callback."""
+        try:
+            output, error = self._compute(run), None
+        except BaseException as e:  # terminated (nobody waits any more), or a bug every member hears of
+            output, error = None, e
+        loop.call_soon_threadsafe(self._finish, run, started, output, error)
+
+    def _finish(self, run: Run, started: float, output: Computed | None, error: BaseException | None) -> None:
         self._running.discard(run)
         self._free_workers += 1
-        for index, error in run.failed.items():
-            self._answer_error(run.members[index], error)
-        try:
-            output = future.result()
-        except Exception as error:  # terminated (nobody waits any more), or a bug every member hears of
-            if run.control.stopped:
+        self._settle(run, started, output, error)
+        self._schedule()
+
+    def _settle(self, run: Run, started: float, output: Computed | None, error: BaseException | None) -> None:
+        """Answer every member of a finished run: its share, or the error that left it out."""
+        for index, failure in run.failed.items():
+            self._answer_error(run.members[index], failure)
+        if error is not None:
+            if run.control is not None and run.control.stopped:
                 for _ in run.members:
                     self.metrics.observe_dropped("cancelled")
             for waiting in run.members:
                 self._answer_error(waiting, error)
-            output = None
-        if output is not None and run.batch is not None:
+        elif output is not None and run.batch is not None:
             self._answer(run.batch, output, started)
-        self._schedule()
 
-    def _answer(self, batch: Batch, output: Computed, started: float) -> None:
+    def _record(self, batch: Batch, output: Computed) -> None:
         rows, longest = batch.hidden_states.shape[:2]
         self.recorder.record(self.engine.provider, output.graph, rows, longest, batch.padded_tokens, output.compute_s)
+
+    def _answer(self, batch: Batch, output: Computed, started: float) -> None:
+        self._record(batch, output)
         for waiting, part in zip(batch.members, batch.split(output.output), strict=True):
             if not waiting.tag.done():
                 share = Computed(part, output.weights, output.graph, output.compute_s)
@@ -263,8 +321,8 @@ class Batcher:
 
     def _run(self, batch: Batch, run: Run) -> Computed:
         spec = batch.members[0].request.weights
-        if run.narrow:
-            ran = self.engine.run(batch.hidden_states, batch.mask, False, narrow=True, control=run.control)
+        if run.narrow or run.control is None:
+            ran = self.engine.run(batch.hidden_states, batch.mask, False, narrow=run.narrow, control=run.control)
             return Computed(ran.output, None, ran.graph, ran.compute_s)
         with self._wide:
             if spec is not None:
