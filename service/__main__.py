@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from service.app.settings import Secrets, Settings, parse_settings, read_secrets
 from service.core.errors import ListenError, ModelDirectoryError, ProviderError, SettingsError
 from service.host.malloc import keep_freed_memory
+from service.host.thread_names import LOOP, name_this_thread
 
 
 async def serve(settings: Settings, secrets: Secrets) -> int:
@@ -25,6 +26,7 @@ async def serve(settings: Settings, secrets: Secrets) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    name_this_thread(LOOP)  # after gRPC started its own threads, which would inherit the name
     await stop.wait()
     logging.getLogger("service").info("signal received: draining (grace %.1f s)", settings.drain_grace_s)
     await server.drain()

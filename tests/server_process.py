@@ -116,12 +116,13 @@ def server_command(model_dir: Path, *args: str) -> list[str]:
 
 def start_server(
     model_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0,
-    stdout: Path | None = None,
+    stdout: Path | None = None, cwd: Path | None = None,
 ) -> ServerProcess:  # fmt: skip
     """Launch, wait for the ready line (after warm-up), return the ports; raise with the log if it dies.
 
     The access log (stdout) is kept in `access_lines`, read by a thread of this process; with `stdout` it goes
-    to that file instead, and nothing here reads it (benchmarks: no reader thread taking this process's GIL)."""
+    to that file instead, and nothing here reads it (benchmarks: no reader thread taking this process's GIL).
+    cwd: another checkout of this repository to run the server from (a benchmark's "before" row)."""
     with open(stdout, "wb") if stdout is not None else contextlib.nullcontext() as sink:
         process = subprocess.Popen(
             server_command(model_dir, *args),
@@ -129,7 +130,7 @@ def start_server(
             stdout=subprocess.PIPE if sink is None else sink,
             text=True,
             env={**os.environ, **(env or {})},
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=cwd or Path(__file__).resolve().parents[1],
         )
     lines: list[str] = []
     found: list[re.Match[str]] = []

@@ -46,3 +46,21 @@ class CpuMeter:
             "ours_cpu_fraction": ours / (wall * cores),
             "others_cpu_fraction": max(busy - ours, 0.0) / (wall * cores),
         }
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of a process's threads, summed by thread name (/proc/PID/task/*/comm): the service names its
+    event loop, engine threads and onnxruntime's pools (service/host/thread_names.py)."""
+    out: dict[str, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out

@@ -175,9 +175,6 @@ def observed_methods() -> dict[str, tuple[str, str]]:
     }
 
 
-GPU_BATCH_TOKENS = 16384
-
-
 def batch_policy(settings: Settings, engine: Engine) -> BatchPolicy:
     """The batcher's policy from the settings; max_batch_tokens 0 picks a budget for the provider."""
     auto_tokens = GPU_BATCH_TOKENS if engine.provider == "cuda" else (engine.narrow_max_tokens or 512)

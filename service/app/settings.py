@@ -69,7 +69,8 @@ class Settings(BaseSettings):
         description="a lone request (the only call in progress) of at most this many tokens that finds no run in "
         "flight computes at once on the event loop's thread, with every intra-op thread: no hop to an engine "
         "thread and back (its latency; make bench-serve); the loop is held that long. Requests of ≤ 32 tokens "
-        "do so whenever no run is in flight and none waits, on one thread (CPU per request); 0 = only those",
+        "do so whenever no run is in flight and none waits, on one thread (CPU per request); 0 = every run "
+        "on an engine thread",
     )
     allow_spinning: bool = Field(
         False, description="onnxruntime intra-op threads spin between ops: lower latency alone, less throughput shared"

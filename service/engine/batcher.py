@@ -32,7 +32,7 @@ from service.core.types import AttentionRequest, WeightsResult, WeightsSpec
 from service.core.weights_view import select_weights
 from service.engine.batching import Batch, BatchPolicy, BatchQueue, QueueFull, RunTimes, Waiting, assemble
 from service.engine.sessions import Engine, RunControl
-from service.host.thread_priority import lower_this_thread
+from service.host.thread_priority import start_engine_thread
 from service.observe.metrics import Metrics, NullMetrics
 from service.observe.runs import RunRecorder
 from service.observe.stats import ModelStats
@@ -91,7 +91,7 @@ class Batcher:
         self.run_times = RunTimes(self.policy.seq_buckets)
         self.recorder = RunRecorder(self.metrics, self.stats, self.run_times)
         self._executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="engine", initializer=lower_this_thread, initargs=(nice,)
+            max_workers=workers, thread_name_prefix="engine", initializer=start_engine_thread, initargs=(nice,)
         )
         self._free_workers = workers
         self._running: set[Run] = set()
@@ -134,9 +134,9 @@ class Batcher:
         if self._running or self.queue.requests or request.weights is not None or self.policy.max_queue_delay_s:
             return False  # (with a queue delay, the policy says wait for company)
         tokens = request.batch_size * request.seq_len
-        return tokens <= INLINE_SINGLE_THREAD_TOKENS or (
-            tokens <= self.inline_max_tokens and self.calls_in_progress() <= 1
-        )
+        if tokens > self.inline_max_tokens:
+            return False
+        return tokens <= INLINE_SINGLE_THREAD_TOKENS or self.calls_in_progress() <= 1
 
     def _run_now(self, request: AttentionRequest, now: float) -> Computed:
         """Compute one request here, on the event loop's thread: no hop to an engine thread and back, no thread

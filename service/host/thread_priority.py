@@ -13,8 +13,16 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from service.host.thread_names import ENGINE, ONNXRUNTIME, name_this_thread
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def start_engine_thread(nice: int) -> None:
+    """What an engine thread does first: take its name and its lower priority."""
+    name_this_thread(ENGINE)
+    lower_this_thread(nice)
 
 
 def lower_this_thread(nice: int) -> None:
@@ -28,14 +36,14 @@ def lower_this_thread(nice: int) -> None:
         log.warning("could not lower the compute threads' priority by %d: %s", nice, e)
 
 
-def call_on_lowered_thread(fn: Callable[[], T], nice: int) -> T:
-    """fn() on a fresh thread lowered by `nice`: the threads fn creates (onnxruntime's pools) inherit it."""
-    if nice <= 0:
-        return fn()
+def call_on_lowered_thread(fn: Callable[[], T], nice: int, name: str = ONNXRUNTIME) -> T:
+    """fn() on a fresh thread lowered by `nice` and called `name`: the threads fn creates (onnxruntime's pools)
+    inherit both."""
     result: list[T] = []
     failure: list[BaseException] = []
 
     def target() -> None:
+        name_this_thread(name)
         lower_this_thread(nice)
         try:
             result.append(fn())
