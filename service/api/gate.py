@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ from service.api.status import status_of
 from service.core.errors import DeadlineExceeded, InvalidInput, ResourceExhausted, ServiceError, Unauthenticated
 from service.observe.requests import Observer
 
+# After two calls were in progress at once, how long before one call alone counts as lone again: under steady
+# concurrency calls arrive one by one while the loop is busy, so "the only call now" would say little.
+LONE_AFTER_S = 0.1
 # No token and no slot: the probes of kubelet and load balancers.
 OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 
@@ -82,6 +86,7 @@ class CallGate(grpc.GenericRpcHandler):
         self.observer = observer
         self.calls = 0  # calls holding a slot
         self.streams = 0  # streaming calls among them
+        self._concurrent_until = 0.0  # time.monotonic() until which calls count as concurrent (see lone)
         self._observed = observed
         self._expected = None if policy.token is None else f"Bearer {policy.token}".encode()
         self._missing = _refusing(Unauthenticated("authorization metadata missing; " + _HOW_TO_AUTH))
@@ -114,7 +119,14 @@ class CallGate(grpc.GenericRpcHandler):
             )
         self.calls += 1
         self.streams += streaming
+        if self.calls > 1:
+            self._concurrent_until = time.monotonic() + LONE_AFTER_S
         return None
+
+    def lone(self) -> bool:
+        """Whether this is the only call in progress and none ran beside another for LONE_AFTER_S: then the
+        dataplane may hold the event loop to compute it at once (nobody else waits on the loop)."""
+        return self.calls <= 1 and time.monotonic() >= self._concurrent_until
 
     def _leave(self, streaming: bool) -> None:
         self.calls -= 1

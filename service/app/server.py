@@ -74,7 +74,7 @@ class AttnServer:
         )  # fmt: skip
         table = build.method_table(self.dataplane, observer, self.health, settings)
         self.gate = CallGate(table, gate_policy, observer, build.observed_methods())
-        self.batcher.calls_in_progress = lambda: self.gate.calls
+        self.batcher.lone_call = self.gate.lone
         self.server = build.grpc_server(self.gate, settings)
         self.health_server = build.health_server(settings, self.health)
         self.grpc_port = 0

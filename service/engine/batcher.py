@@ -101,8 +101,8 @@ class Batcher:
         self._wide = threading.Lock()  # one all-cores run at a time
         self.runs = {"wide": 0, "narrow": 0, "inline": 0}  # how batches ran, for tests and metrics
         self.inline_max_tokens = inline_max_tokens
-        # Calls the edges have in progress (set once they exist): a lone one may compute on the loop.
-        self.calls_in_progress: Callable[[], int] = lambda: 1
+        # Whether the call at hand is alone at the edges (set once they exist): a lone one may compute on the loop.
+        self.lone_call: Callable[[], bool] = lambda: True
 
     async def submit(self, request: AttentionRequest) -> tuple[Computed, float]:
         """(this request's share of its batch's output, seconds queued). Raises ResourceExhausted when the
@@ -130,13 +130,13 @@ class Batcher:
     def _can_run_now(self, request: AttentionRequest) -> bool:
         """Whether a request computes at once, on the loop's thread: it finds nothing running and nothing waiting,
         and it is either tiny (one intra-op thread: the loop spends on it what an engine thread would, minus the
-        hops) or alone (the only call in progress, so holding the loop delays nobody) and small."""
+        hops) or alone at the edges (so holding the loop delays nobody) and small."""
         if self._running or self.queue.requests or request.weights is not None or self.policy.max_queue_delay_s:
             return False  # (with a queue delay, the policy says wait for company)
         tokens = request.batch_size * request.seq_len
         if tokens > self.inline_max_tokens:
             return False
-        return tokens <= INLINE_SINGLE_THREAD_TOKENS or self.calls_in_progress() <= 1
+        return tokens <= INLINE_SINGLE_THREAD_TOKENS or self.lone_call()
 
     def _run_now(self, request: AttentionRequest, now: float) -> Computed:
         """Compute one request here, on the event loop's thread: no hop to an engine thread and back, no thread

@@ -47,10 +47,10 @@ def test_narrow_and_wide_runs_agree_and_concurrency_uses_narrow(served_model: Pa
             assert relative_l2(again, expected) <= 1e-5
 
 
-def _inline_batcher(served_model: Path, inline_max_tokens: int, calls: int, **policy: float) -> Batcher:
+def _inline_batcher(served_model: Path, inline_max_tokens: int, lone: bool, **policy: float) -> Batcher:
     engine = Engine(load_model_directory(served_model), "cpu", intra_op_threads=2, narrow_max_tokens=512)
     batcher = Batcher(engine, BatchPolicy(**policy), workers=2, inline_max_tokens=inline_max_tokens)  # type: ignore[arg-type]
-    batcher.calls_in_progress = lambda: calls
+    batcher.lone_call = lambda: lone
     return batcher
 
 
@@ -71,14 +71,14 @@ def test_a_small_request_finding_the_engine_idle_computes_on_the_loop_thread(ser
     rng = np.random.default_rng(7)
     tiny, small, large = (rng.standard_normal((1, seq, config["d_model"]), dtype=np.float32) for seq in (16, 100, 300))
 
-    lone = _inline_batcher(served_model, 128, calls=1)
+    lone = _inline_batcher(served_model, 128, lone=True)
     answers = _one_by_one(lone, [AttentionRequest(tiny), AttentionRequest(small)])
     assert lone.runs == {"wide": 0, "narrow": 0, "inline": 2} and not lone._executor._threads
     for (computed, queued), x in zip(answers, (tiny, small), strict=True):
         expected, _ = reference_attention(weights, config["num_heads"], x, None, config["causal"])
         assert relative_l2(computed.output, expected) <= 1e-5 and queued == 0.0
 
-    busy = _inline_batcher(served_model, 128, calls=3)  # other calls in progress: only the tiny one stays inline
+    busy = _inline_batcher(served_model, 128, lone=False)  # other calls in progress: only the tiny one stays inline
     answers = _one_by_one(busy, [AttentionRequest(tiny), AttentionRequest(small), AttentionRequest(large)])
     assert busy.runs["inline"] == 1 and busy.runs["wide"] + busy.runs["narrow"] == 2, busy.runs
     expected, _ = reference_attention(weights, config["num_heads"], large, None, config["causal"])
@@ -87,19 +87,19 @@ def test_a_small_request_finding_the_engine_idle_computes_on_the_loop_thread(ser
 
 def test_inline_runs_can_be_turned_off_and_yield_to_a_queue_delay_and_weights(served_model: Path) -> None:
     x = np.random.default_rng(8).standard_normal((1, 8, 512), dtype=np.float32)
-    off = _inline_batcher(served_model, 0, calls=1)
+    off = _inline_batcher(served_model, 0, lone=True)
     _one_by_one(off, [AttentionRequest(x)])
     assert off.runs["inline"] == 0
-    waiting = _inline_batcher(served_model, 128, calls=1, max_queue_delay_s=0.001)  # the policy says wait for company
+    waiting = _inline_batcher(served_model, 128, lone=True, max_queue_delay_s=0.001)  # the policy says wait for company
     _one_by_one(waiting, [AttentionRequest(x)])
     assert waiting.runs["inline"] == 0
-    weights = _inline_batcher(served_model, 128, calls=1)
+    weights = _inline_batcher(served_model, 128, lone=True)
     _one_by_one(weights, [AttentionRequest(x, None, WeightsSpec())])
     assert weights.runs["inline"] == 0
 
 
 def test_a_bad_request_computed_inline_fails_alone(served_model: Path) -> None:
-    batcher = _inline_batcher(served_model, 128, calls=1)
+    batcher = _inline_batcher(served_model, 128, lone=True)
     bad = np.full((1, 8, 512), np.nan, dtype=np.float32)
     good = np.ones((1, 8, 512), dtype=np.float32)
 
