@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -28,6 +29,14 @@ def free_port() -> int:
 
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+) \((\w+)\), metrics (?::(\d+)|off)")
 ACCESS_LINES_KEPT = 100_000
+
+
+def log_message(line: str) -> str:
+    """A stderr line's message: the `message` field of a JSON line (--log-format json), else the line itself."""
+    if line.startswith("{"):
+        with contextlib.suppress(ValueError):
+            return str(json.loads(line).get("message", line))
+    return line
 
 
 @dataclass
@@ -139,7 +148,7 @@ def start_server(
         assert process.stderr is not None
         for line in process.stderr:
             lines.append(line)
-            if not found and (match := READY.search(line)):
+            if not found and (match := READY.search(log_message(line))):
                 found.append(match)
                 ready.set()
         ready.set()
