@@ -123,6 +123,14 @@ def server_command(model_dir: Path, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
+def run_service(*args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """`python -m service *args` to its end (--help, a start-up that must fail), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=timeout_s,
+        env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+
+
 def start_server(
     model_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0,
     stdout: Path | None = None,
