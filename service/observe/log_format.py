@@ -57,7 +57,7 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = clip(record.exc_text, MAX_MESSAGE_CHARS)
         if record.stack_info:
             entry["stack"] = clip(self.formatStack(record.stack_info), MAX_MESSAGE_CHARS)
-        return json.dumps(entry)
+        return json.dumps(entry, separators=(",", ":"))  # compact, as the access log
 
 
 def log_handler(log_format: LogFormat, stream: TextIO | None = None) -> logging.Handler:

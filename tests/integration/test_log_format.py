@@ -19,7 +19,7 @@ def _entries(lines: list[str]) -> list[dict[str, object]]:
             entry = json.loads(line)
         except ValueError:
             raise AssertionError(f"not a JSON line: {line!r}") from None
-        assert isinstance(entry, dict) and REQUIRED <= entry.keys(), line
+        assert isinstance(entry, dict) and entry.keys() >= REQUIRED, line
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(entry["time"])), line
         entries.append(entry)
     return entries
