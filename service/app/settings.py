@@ -8,6 +8,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
+import annotated_types
 from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -298,6 +299,15 @@ def _shown(value: object) -> str:
     return '""' if value == "" else str(value)
 
 
+# Field(ge=, gt=, le=, lt=) as pydantic stores them (in field.metadata), and as --help writes them.
+_BOUNDS: dict[type, str] = {
+    annotated_types.Ge: ">=",
+    annotated_types.Gt: ">",
+    annotated_types.Le: "<=",
+    annotated_types.Lt: "<",
+}
+
+
 def allowed_values(field: FieldInfo) -> str | None:
     """What a setting accepts, from its type and its ge/gt/le/lt bounds, e.g. "one of auto, cpu, cuda",
     "integer 0..65535", "number > 0"; None when any text goes (str, paths)."""
@@ -308,12 +318,11 @@ def allowed_values(field: FieldInfo) -> str | None:
         return "true or false"
     if kind not in (int, float):
         return None
-    bounds = {type(rule).__name__: getattr(rule, type(rule).__name__.lower()) for rule in field.metadata}
-    if "Ge" in bounds and "Le" in bounds:
-        limits = [f"{bounds['Ge']}..{bounds['Le']}"]
+    bounds = {_BOUNDS[type(r)]: getattr(r, type(r).__name__.lower()) for r in field.metadata if type(r) in _BOUNDS}
+    if ">=" in bounds and "<=" in bounds:
+        limits = [f"{bounds['>=']}..{bounds['<=']}"]
     else:
-        symbols = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
-        limits = [f"{symbols[rule]} {bound}" for rule, bound in bounds.items() if rule in symbols]
+        limits = [f"{symbol} {bound}" for symbol, bound in bounds.items()]
     return " ".join(["integer" if kind is int else "number", *limits])
 
 
