@@ -13,6 +13,7 @@ from service.app.settings import Secrets, Settings, parse_settings, read_secrets
 from service.core.errors import ListenError, ModelDirectoryError, ProviderError, SettingsError
 from service.host.malloc import keep_freed_memory
 from service.host.thread_names import LOOP, name_this_thread
+from service.observe.log_format import configure_logging
 
 
 async def serve(settings: Settings, secrets: Secrets) -> int:
@@ -33,25 +34,31 @@ async def serve(settings: Settings, secrets: Secrets) -> int:
     return 0
 
 
+def _fail(message: str, settings: Settings | None) -> None:
+    """Why the server stops, on stderr: a log record when the log is JSON (a shipper parses every line), else the
+    plain line it always was (also when the settings themselves are what failed)."""
+    if settings is not None and settings.log_format == "json":
+        logging.getLogger("service").critical(message)
+    else:
+        print(message, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    import os as _o
-
-    sys.setswitchinterval(float(_o.environ.get("PYSWITCH", "0.005")))
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    settings: Settings | None = None
     try:
-        settings = parse_settings(argv)
-        logging.getLogger().setLevel(settings.log_level.upper())
+        settings = parse_settings(argv)  # logs nothing: the log's format and level come from it
+        configure_logging(settings.log_format, settings.log_level)
         # Token and TLS files are read here, once, before the model loads, and the server uses these bytes.
         # An unusable one is a bad setting (exit 2), TLS files included: like the token file, the fix is the
         # file a setting names; exit 1 stays for failures found while starting (model, provider, ports).
         secrets = read_secrets(settings)
         return asyncio.run(serve(settings, secrets))
     except (ValidationError, SettingsError) as e:
-        print(f"attnserve: bad settings: {e}", file=sys.stderr)
+        _fail(f"attnserve: bad settings: {e}", settings)
         return 2
     except (ModelDirectoryError, ProviderError, ListenError) as e:
-        print(f"attnserve: {e}", file=sys.stderr)
+        _fail(f"attnserve: {e}", settings)
         return 1
 
 

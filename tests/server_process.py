@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -28,6 +29,14 @@ def free_port() -> int:
 
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+) \((\w+)\), metrics (?::(\d+)|off)")
 ACCESS_LINES_KEPT = 100_000
+
+
+def log_message(line: str) -> str:
+    """A stderr line's message: the `message` field of a JSON line (--log-format json), else the line itself."""
+    if line.startswith("{"):
+        with contextlib.suppress(ValueError):
+            return str(json.loads(line).get("message", line))
+    return line
 
 
 @dataclass
@@ -114,6 +123,14 @@ def server_command(model_dir: Path, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
+def run_service(*args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
+    """`python -m service *args` to its end (--help, a start-up that must fail), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=timeout_s,
+        env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+
+
 def start_server(
     model_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0,
     stdout: Path | None = None, cwd: Path | None = None,
@@ -140,7 +157,7 @@ def start_server(
         assert process.stderr is not None
         for line in process.stderr:
             lines.append(line)
-            if not found and (match := READY.search(line)):
+            if not found and (match := READY.search(log_message(line))):
                 found.append(match)
                 ready.set()
         ready.set()

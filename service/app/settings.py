@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import Field, model_validator
+import annotated_types
+from pydantic import Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.errors import SettingsError
 from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, parse_bounds
+from service.observe.log_format import LogFormat
 
 # Large enough for batch 8 × seq 2048 × d_model 512 in FP32 (32 MiB) with room for the envelope.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -203,7 +207,19 @@ class Settings(BaseSettings):
         description="one JSON line per answered request on stdout: every request, failed ones only, or none "
         "(all: a few percent of throughput on tiny requests, see make bench-metrics)",
     )
-    log_level: str = Field("INFO", description="logging level")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="least severe level the main log (stderr) writes; any case"
+    )
+    log_format: LogFormat = Field(
+        "text",
+        description="main log (stderr): text for people, or json, one object per line (time, level, logger, "
+        "message, request_id and trace_id where known, exception) for log shippers",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value  # ATTNSERVE_LOG_LEVEL=debug worked before
 
     @model_validator(mode="after")
     def _check_pairs(self) -> Settings:
@@ -272,16 +288,98 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def parse_settings(argv: list[str] | None = None) -> Settings:
-    """Settings from the environment, overridden by any flag given in argv."""
+def env_var(name: str) -> str:
+    """The environment variable of a setting, e.g. grpc_port -> ATTNSERVE_GRPC_PORT."""
+    return Settings.model_config.get("env_prefix", "") + name.upper()
+
+
+def _value_type(field: FieldInfo) -> Any:
+    """The field's type without `| None` (None only means unset, which the default already says)."""
+    kinds = [kind for kind in get_args(field.annotation) if kind is not type(None)]
+    return kinds[0] if get_origin(field.annotation) in (UnionType, Union) and len(kinds) == 1 else field.annotation
+
+
+def _shown(value: object) -> str:
+    """A value as an operator types it: booleans as true/false (what flags and env vars accept), None as unset."""
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value == "" else str(value)
+
+
+# Field(ge=, gt=, le=, lt=) as pydantic stores them (in field.metadata), and as --help writes them.
+_BOUNDS: dict[type, str] = {
+    annotated_types.Ge: ">=",
+    annotated_types.Gt: ">",
+    annotated_types.Le: "<=",
+    annotated_types.Lt: "<",
+}
+
+
+def allowed_values(field: FieldInfo) -> str | None:
+    """What a setting accepts, from its type and its ge/gt/le/lt bounds, e.g. "one of auto, cpu, cuda",
+    "integer 0..65535", "number > 0"; None when any text goes (str, paths)."""
+    kind = _value_type(field)
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(_shown(choice) for choice in get_args(kind))
+    if kind is bool:
+        return "true or false"
+    if kind not in (int, float):
+        return None
+    bounds = {_BOUNDS[type(r)]: getattr(r, type(r).__name__.lower()) for r in field.metadata if type(r) in _BOUNDS}
+    if ">=" in bounds and "<=" in bounds:
+        limits = [f"{bounds['>=']}..{bounds['<=']}"]
+    else:
+        limits = [f"{symbol} {bound}" for symbol, bound in bounds.items()]
+    return " ".join(["integer" if kind is int else "number", *limits])
+
+
+def setting_help(name: str, field: FieldInfo) -> str:
+    """A flag's help: its description, then a line with its environment variable, default and allowed values."""
+    allowed = allowed_values(field)
+    facts = [f"env {env_var(name)}", f"default {_shown(field.default)}", *([allowed] if allowed else [])]
+    return f"{field.description}\n[{'; '.join(facts)}]".replace("%", "%%")  # argparse %-formats help texts
+
+
+# What an open-ended value looks like in the usage line; a closed set shows its values instead.
+_METAVARS: dict[object, str] = {int: "INT", float: "NUMBER", Path: "PATH", str: "TEXT"}
+
+
+def _metavar(field: FieldInfo) -> str | None:
+    """{a,b} for a closed set of values, as argparse shows choices, else the kind of value."""
+    kind = _value_type(field)
+    values = get_args(kind) if get_origin(kind) is Literal else (True, False) if kind is bool else None
+    return "{" + ",".join(map(_shown, values)) + "}" if values else _METAVARS.get(kind)
+
+
+class _LineHelpFormatter(argparse.HelpFormatter):
+    """Wraps each line of a help text by itself, so the env/default/values line stays a line of its own."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        wrap = super()._split_lines  # bound here: zero-argument super() fails inside a comprehension
+        return [wrapped for line in text.splitlines() for wrapped in wrap(line, width)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m service`'s command line: one flag per Settings field, its help generated from the field."""
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="attnserve: multi-head attention over gRPC (KServe v2 + attnserve.v1)",
-        epilog="Every flag is also an environment variable: ATTNSERVE_<FLAG_NAME>.",
+        epilog=f"Every flag is also an environment variable, {env_var('<flag_name>')} (shown under each flag); "
+        "a flag wins over its variable, which wins over the default.",
+        formatter_class=_LineHelpFormatter,
     )
     for name, field in Settings.model_fields.items():
+        # Values stay strings here (no type=, no choices=): pydantic converts and checks them, as it does the
+        # environment's, so a bad flag and a bad variable fail alike (exit 2, naming the field).
         parser.add_argument(
-            _flag(name), dest=name, default=None, help=f"{field.description} (default: {field.default})"
+            _flag(name), dest=name, default=None, metavar=_metavar(field), help=setting_help(name, field)
         )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from the environment, overridden by any flag given in argv."""
+    args = build_parser().parse_args(argv)
     return Settings(**{name: value for name, value in vars(args).items() if value is not None})

@@ -1,1 +1,2 @@
-"""Observation: metrics and their /metrics server, per-model statistics, the access log; one recorder per request."""
+"""Observation: metrics and their /metrics server, per-model statistics, the access log, the main log's format;
+one recorder per request."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
@@ -26,7 +25,7 @@ from service._pb.inference import grpc_service_pb2 as kserve
 from service._pb.inference import grpc_service_pb2_grpc as kserve_grpc
 from service.api.v1_codec import tensor_from_pb, tensor_to_pb
 from service.app.healthcheck import health_status
-from tests.server_process import ServerProcess, free_port, server_command, start_server
+from tests.server_process import ServerProcess, free_port, run_service, server_command, start_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 SERVICES = ("", "inference.GRPCInferenceService", "attnserve.v1.AttentionService")
@@ -86,7 +85,7 @@ def test_metrics_host_binds_metrics_there_and_a_taken_port_names_it(served_model
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", process.metrics_port), timeout=5).close()
         taken = ("--metrics-host", "127.0.0.2", "--metrics-port", str(process.metrics_port), "--warmup", "false")
-        done = _run_cli("--model-dir", str(served_model), "--host", "127.0.0.1", "--grpc-port", "0", *taken)
+        done = run_service("--model-dir", str(served_model), "--host", "127.0.0.1", "--grpc-port", "0", *taken)
         assert done.returncode == 1 and f"metrics cannot listen on 127.0.0.2:{process.metrics_port}" in done.stderr
     finally:
         process.stop()
@@ -121,29 +120,22 @@ def test_not_serving_until_warm_up_ends(served_model: Path) -> None:
     assert seen[-1] == (health_pb2.HealthCheckResponse.SERVING, True)
 
 
-def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=120,
-        env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
-
-
 def test_startup_refuses_a_tampered_model_directory(served_model: Path, tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(served_model, copy)
     with (copy / "weights.npz").open("ab") as f:
         f.write(b"\0")
-    done = _run_cli("--model-dir", str(copy), "--grpc-port", "0", "--metrics-port", "0")
+    done = run_service("--model-dir", str(copy), "--grpc-port", "0", "--metrics-port", "0")
     assert done.returncode == 1
     assert "weights.npz: sha256" in done.stderr and "differs from config.json" in done.stderr
 
 
 def test_startup_errors_are_one_clear_line(tmp_path: Path) -> None:
-    missing = _run_cli("--model-dir", str(tmp_path / "nope"))
+    missing = run_service("--model-dir", str(tmp_path / "nope"))
     assert missing.returncode == 1 and "config.json not found: export a model first" in missing.stderr
-    bad = _run_cli("--provider", "tpu")
+    bad = run_service("--provider", "tpu")
     assert bad.returncode == 2 and "provider" in bad.stderr
-    from_env = _run_cli(env={"ATTNSERVE_GRPC_PORT": "70000"})
+    from_env = run_service(env={"ATTNSERVE_GRPC_PORT": "70000"})
     assert from_env.returncode == 2 and "grpc_port" in from_env.stderr
 
 
@@ -152,7 +144,9 @@ def test_provider_cuda_without_a_gpu_exits_non_zero(served_model: Path) -> None:
 
     if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_works(served_model):
         pytest.skip("a usable GPU is present: --provider cuda is expected to start")
-    done = _run_cli("--model-dir", str(served_model), "--provider", "cuda", "--grpc-port", "0", "--metrics-port", "0")
+    done = run_service(
+        "--model-dir", str(served_model), "--provider", "cuda", "--grpc-port", "0", "--metrics-port", "0"
+    )
     assert done.returncode == 1
     assert "--provider cuda, but no usable GPU" in done.stderr
 
@@ -166,7 +160,7 @@ def _cuda_works(model_dir: Path) -> bool:
 
 
 def test_port_in_use_is_a_clear_error(served_model: Path, server: ServerProcess) -> None:
-    done = _run_cli("--model-dir", str(served_model), "--host", "127.0.0.1", "--grpc-port", str(server.grpc_port))
+    done = run_service("--model-dir", str(served_model), "--host", "127.0.0.1", "--grpc-port", str(server.grpc_port))
     assert done.returncode == 1 and f"gRPC cannot listen on 127.0.0.1:{server.grpc_port}" in done.stderr
 
 
