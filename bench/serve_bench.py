@@ -570,7 +570,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("reports/serve_bench.md"))
     p.add_argument("--quick", action="store_true", help="one round, shorter blocks, fewer rows, no (8,2048,512) at c=8")
     p.add_argument("--json", type=Path, default=None, help="also write every result as JSON here")
+    p.add_argument(
+        "--provider",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="the services' provider (default: theirs, auto); in-process rows and the baseline stay on the CPU",
+    )
     args = p.parse_args(argv)
+    if args.provider is not None:
+        # Every `python -m service` started below inherits it (Settings reads ATTNSERVE_*): no other code changes.
+        os.environ["ATTNSERVE_PROVIDER"] = args.provider
     if not (args.model_dir / "config.json").is_file():
         raise SystemExit(f"bench.serve_bench: no model at {args.model_dir}; run `make export` first")
     started = time.perf_counter()
