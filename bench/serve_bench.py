@@ -784,7 +784,16 @@ def main(argv: list[str] | None = None) -> int:
         help="another checkout of this repository (e.g. a git worktree of an older commit): its service is "
         "measured beside this one in every cell, and its steps beside this one's",
     )
+    p.add_argument(
+        "--provider",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="the services' provider (default: theirs, auto); in-process rows and the baseline stay on the CPU",
+    )
     args = p.parse_args(argv)
+    if args.provider is not None:
+        # Every `python -m service` started below inherits it (Settings reads ATTNSERVE_*): no other code changes.
+        os.environ["ATTNSERVE_PROVIDER"] = args.provider
     if not (args.model_dir / "config.json").is_file():
         raise SystemExit(f"bench.serve_bench: no model at {args.model_dir}; run `make export` first")
     started = time.perf_counter()

@@ -1,6 +1,7 @@
 """On a CUDA machine: the service picks CUDA by itself, serves through IO binding, and matches the reference.
 
-CI has no GPU: these skip unless onnxruntime's CUDA provider actually initialises.
+CI has no GPU: these skip unless onnxruntime's CUDA provider actually initialises (fail instead under
+ATTNSERVE_REQUIRE_GPU=1, as make gpu-check sets).
 """
 
 from __future__ import annotations
@@ -12,19 +13,11 @@ import pytest
 
 from attnserve_client import AttentionClient, WeightsQuery
 from model.export import read_model_dir
-from model.fused_graphs import build_mha_graph
 from model.reference import reference_attention, relative_l2
-from model.weights import seeded_weights
-from tests.gpu.test_cuda_graphs import _cuda_session
+from tests.gpu.cuda import gpu_marks
 from tests.server_process import start_server
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        _cuda_session(build_mha_graph(seeded_weights(8), 2, False, False).SerializeToString()) is None,
-        reason="no usable CUDA execution provider here",
-    ),
-]
+pytestmark = gpu_marks()
 
 
 @pytest.mark.parametrize("provider", ["auto", "cuda"])
