@@ -5,8 +5,8 @@
 #
 #   docker build -t attnserve:cpu .                               # PROVIDER=cpu is the default
 #   docker build --build-arg PROVIDER=cuda -t attnserve:cuda .
-#   docker run --rm -p 8001:8001 -p 8002:8002 attnserve:cpu [--flag value ...]
-#   docker run --rm --gpus all -p 8001:8001 -p 8002:8002 attnserve:cuda
+#   docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 attnserve:cpu [--flag value ...]   # HTTP, gRPC, metrics
+#   docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 attnserve:cuda
 #   make image                                                    # podman, no Docker or registry needed
 #
 # Every setting is a flag (appended to `docker run`) or an ATTNSERVE_* variable; flags win. `docker stop` waits 10 s
@@ -103,7 +103,7 @@ COPY service/ /app/service/
 RUN python -m compileall -q /app/service && chmod -R a-w /app
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 STOPSIGNAL SIGTERM
 # Plaintext probe of grpc.health.v1 (NOT_SERVING while warming up and draining). It probes the port that
 # ATTNSERVE_HEALTH_PORT (set it when TLS is on) or ATTNSERVE_GRPC_PORT give, not ports given as flags.

@@ -28,6 +28,8 @@ def free_port() -> int:
 
 
 READY = re.compile(r"attnserve ready: grpc [^:]+:(\d+) \((\w+)\), metrics (?::(\d+)|off)")
+# The HTTP port, in ready lines since the REST edge (absent from older ones: http_port stays 0).
+READY_HTTP = re.compile(r", http (?::(\d+)|off)")
 ACCESS_LINES_KEPT = 100_000
 
 
@@ -46,10 +48,17 @@ class ServerProcess:
     metrics_port: int
     log_lines: list[str] = field(default_factory=list)
     access_lines: deque[str] = field(default_factory=lambda: deque(maxlen=ACCESS_LINES_KEPT))  # stdout: JSON
+    http_port: int = 0  # 0: HTTP off
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        """host:port of the REST port, as tritonclient.http and perf_analyzer -i http take it."""
+        assert self.http_port, f"this server has no HTTP port; its log ends:\n{self.log_tail()}"
+        return f"127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return "".join(self.log_lines)
@@ -119,7 +128,7 @@ def stop_process(process: subprocess.Popen, grace_s: float) -> int:
 def server_command(model_dir: Path, *args: str) -> list[str]:
     return [
         sys.executable, "-m", "service", "--model-dir", str(model_dir),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *args,
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0", *args,
     ]  # fmt: skip
 
 
@@ -180,4 +189,6 @@ def start_server(
     if not found:
         process.wait(10)
         raise RuntimeError(f"server exited with {process.returncode} before ready:\n" + "".join(lines))
-    return ServerProcess(process, int(found[0].group(1)), int(found[0].group(3) or 0), lines, access)
+    http = READY_HTTP.search(found[0].string)
+    http_port = int(http.group(1) or 0) if http is not None else 0
+    return ServerProcess(process, int(found[0].group(1)), int(found[0].group(3) or 0), lines, access, http_port)

@@ -132,6 +132,14 @@ class CallGate(grpc.GenericRpcHandler):
         self.calls -= 1
         self.streams -= streaming
 
+    def take_slot(self) -> ResourceExhausted | None:
+        """A call slot for a request of the HTTP port: both ports share max_concurrent_rpcs (and so the memory
+        budget's cap on calls at once). None when taken; give it back with give_slot."""
+        return self._enter(False)
+
+    def give_slot(self) -> None:
+        self._leave(False)
+
     # Reading and decoding.
 
     async def _read_one(self, context: grpc.aio.ServicerContext, decode: Callable[[bytes], Any], path: str) -> Any:

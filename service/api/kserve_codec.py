@@ -2,66 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from service._pb.inference import grpc_service_pb2 as pb
 from service._pb.inference import model_config_pb2 as config_pb
-from service.api.tensors import WIRE_DTYPES, array_from_bytes, check_shape, compute_states, dtype_name
-from service.core.describe import MODEL_VERSION, ModelDescription
-from service.core.errors import InvalidInput, NotFound, shown
-from service.core.limits import check_count, check_name
-from service.core.types import (
-    HIDDEN_DTYPES,
-    INPUT,
-    MASK,
-    OUTPUT,
-    WEIGHTS_OUTPUT,
-    AttentionRequest,
-    AttentionResult,
-    WeightsSpec,
+from service.api.tensors import array_from_bytes, dtype_name
+from service.api.v2_envelope import (
+    INPUT_NAMES,
+    PLATFORM,
+    InferCall,
+    InputHeader,
+    check_counts,
+    check_model,
+    infer_call,
+    input_header,
+    requested_outputs,
 )
+from service.core.describe import MODEL_VERSION, ModelDescription
+from service.core.errors import InvalidInput
+from service.core.limits import check_count, check_name
+from service.core.types import INPUT, MASK, OUTPUT, WEIGHTS_OUTPUT, AttentionResult
 from service.observe.stats import Duration, ModelStats
 
-PLATFORM = "onnxruntime_onnx"
-HIDDEN_NAMES = tuple(dtype_name(dtype) for dtype in HIDDEN_DTYPES)
-MASK_DTYPES = ("INT32", "INT64", "BOOL")
-OUTPUT_NAMES = (OUTPUT, WEIGHTS_OUTPUT)
-INPUT_NAMES = (INPUT, MASK)
-MAX_PARAMETERS = 64  # per request and per tensor; we read none, but a map of millions still costs to decode
 # The typed InferTensorContents field of each datatype we accept.
 TYPED_CONTENTS = {"FP32": "fp32_contents", "INT32": "int_contents", "INT64": "int64_contents", "BOOL": "bool_contents"}
 
 
-def check_model(name: str, version: str, served: str) -> None:
-    """NotFound unless (name, version) is the served model; an empty version means the latest."""
-    check_name("model name", name)
-    check_name("model version", version)
-    if name != served:
-        raise NotFound(f"model {shown(name)} not found; this server serves {served!r}")
-    if version not in ("", MODEL_VERSION):
-        raise NotFound(f"model {served!r} version {shown(version)} not found; available versions: [{MODEL_VERSION!r}]")
-
-
-@dataclass
-class InferCall:
-    request: AttentionRequest
-    outputs: tuple[str, ...]  # in the order the client listed them
-
-
-def _input_array(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, allowed: tuple[str, ...], names: tuple[str, ...]
-) -> np.ndarray:
-    field = f"input {shown(tensor.name)}"
-    if tensor.datatype not in allowed:
-        raise InvalidInput(f"{field}: datatype {shown(tensor.datatype)}; allowed {', '.join(allowed)}")
-    dtype = WIRE_DTYPES[tensor.datatype]
-    shape = check_shape(field, tensor.shape, names)
+def _input_array(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, header: InputHeader) -> np.ndarray:
+    field, shape = header.field, header.shape
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInput(f"{field}: data in both raw_input_contents and contents; send it in one of them")
-        return array_from_bytes(f"{field} raw_input_contents", raw, dtype, shape)
+        return array_from_bytes(f"{field} raw_input_contents", raw, header.dtype, shape)
     if tensor.datatype not in TYPED_CONTENTS:  # FP16 has no field in InferTensorContents
         raise InvalidInput(f"{field}: {tensor.datatype} data travels in raw_input_contents only; send it there")
     values = getattr(tensor.contents, TYPED_CONTENTS[tensor.datatype])
@@ -71,18 +43,15 @@ def _input_array(
             f"{field}: contents.{TYPED_CONTENTS[tensor.datatype]} has {len(values)} values; shape {list(shape)} "
             f"needs {count}"
         )
-    return np.asarray(values, dtype=dtype).reshape(shape)
+    return np.asarray(values, dtype=header.dtype).reshape(shape)
 
 
 def infer_request_from_pb(message: pb.ModelInferRequest, served: str) -> InferCall:
     """Decode and check the envelope; the core checks the values against the model's limits."""
     check_model(message.model_name, message.model_version, served)
     check_name("id", message.id)
-    # Counted before anything iterates them: a repeated field can carry a million entries.
-    check_count("inputs", len(message.inputs), len(INPUT_NAMES))
-    check_count("outputs", len(message.outputs), len(OUTPUT_NAMES))
+    check_counts(len(message.inputs), len(message.outputs), len(message.parameters))
     check_count("raw_input_contents", len(message.raw_input_contents), len(INPUT_NAMES))
-    check_count("parameters", len(message.parameters), MAX_PARAMETERS)
     raws = list(message.raw_input_contents)
     if raws and len(raws) != len(message.inputs):
         raise InvalidInput(
@@ -90,36 +59,12 @@ def infer_request_from_pb(message: pb.ModelInferRequest, served: str) -> InferCa
         )
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(message.inputs):
-        check_count(f"input {shown(tensor.name)} parameters", len(tensor.parameters), MAX_PARAMETERS)
-        if tensor.name in arrays:
-            raise InvalidInput(f"input {shown(tensor.name)} given twice; each input at most once")
-        raw = raws[index] if raws else None
-        if tensor.name == INPUT:
-            arrays[INPUT] = _input_array(tensor, raw, HIDDEN_NAMES, ("batch", "seq", "d_model"))
-        elif tensor.name == MASK:
-            arrays[MASK] = _input_array(tensor, raw, MASK_DTYPES, ("batch", "seq"))
-        else:
-            raise InvalidInput(f"input {shown(tensor.name)} is unknown; inputs are {INPUT!r} and optional {MASK!r}")
-    if INPUT not in arrays:
-        raise InvalidInput(f"input {INPUT!r} is missing; it is required (FP32 [batch, seq, d_model])")
-
-    outputs = tuple(output.name for output in message.outputs) or (OUTPUT,)
-    for name in outputs:
-        if name not in OUTPUT_NAMES:
-            raise InvalidInput(
-                f"requested output {shown(name)} is unknown; outputs are {', '.join(map(repr, OUTPUT_NAMES))}"
-            )
-    if len(set(outputs)) != len(outputs):
-        raise InvalidInput(f"requested outputs {list(outputs)} name one twice; ask for each at most once")
-    weights = WeightsSpec() if WEIGHTS_OUTPUT in outputs else None
-    x, output_dtype = compute_states(arrays[INPUT])
+        header = input_header(tensor.name, tensor.datatype, tensor.shape, len(tensor.parameters), arrays)
+        arrays[header.name] = _input_array(tensor, raws[index] if raws else None, header)
+    outputs = requested_outputs([output.name for output in message.outputs])
     # The raw tensors are the message, but for its envelope (names and counts are bounded above); ByteSize would
     # walk the whole message for that (40 µs at 256 KiB).
-    wire_bytes = sum(map(len, raws)) if raws else message.ByteSize()
-    request = AttentionRequest(
-        x, arrays.get(MASK), weights, output_dtype=output_dtype, request_id=message.id, wire_bytes=wire_bytes
-    )
-    return InferCall(request, outputs)
+    return infer_call(arrays, outputs, message.id, sum(map(len, raws)) if raws else message.ByteSize())
 
 
 def infer_response_to_pb(call: InferCall, result: AttentionResult, served: str) -> pb.ModelInferResponse:

@@ -1,10 +1,11 @@
-"""The one place where errors become gRPC status codes."""
+"""The one place where errors become statuses: gRPC status codes, and HTTP statuses for the REST edge."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -21,6 +22,18 @@ STATUS_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+}
+# The same errors over HTTP; a subclass found first in an error's MRO wins (a late body is the client's delay: 408,
+# not 504, which says an upstream server was late; a body over its bound: 413). Anything else: 500.
+HTTP_STATUSES: dict[type[errors.ServiceError], int] = {
+    errors.InvalidInput: 400,
+    errors.TooLarge: 413,
+    errors.NotFound: 404,
+    errors.Unavailable: 503,
+    errors.DeadlineExceeded: 504,
+    errors.BodyTimeout: 408,
+    errors.ResourceExhausted: 429,
+    errors.Unauthenticated: 401,
 }
 
 
@@ -72,3 +85,16 @@ def grpc_errors(method: Handler) -> Handler:
             await context.abort(code, message, trailers_of(error))
 
     return wrapper  # type: ignore[return-value]  # same call signature as method: functools.wraps keeps it
+
+
+def http_status_of(error: Exception) -> tuple[int, str, dict[str, str]]:
+    """(HTTP status, message, headers) for any exception, with the message status_of gives it: a full port or
+    queue says when to come back (Retry-After, whole seconds), a refused token how to authenticate."""
+    _, message = status_of(error)
+    status = next((HTTP_STATUSES[kind] for kind in type(error).__mro__ if kind in HTTP_STATUSES), 500)
+    headers: dict[str, str] = {}
+    if isinstance(error, errors.ResourceExhausted):
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    elif isinstance(error, errors.Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    return status, message, headers

@@ -38,7 +38,7 @@ def check_shape(field: str, shape: Sequence[int], names: Sequence[str]) -> tuple
     return dims
 
 
-def array_from_bytes(field: str, data: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def array_from_bytes(field: str, data: bytes | memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A zero-copy read-only view of little-endian row-major bytes, after checking their count."""
     expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,6 +14,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from service._pb.attnserve.v1 import attention_pb2, attention_pb2_grpc
 from service._pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service.api.gate import CallGate, GatePolicy, MethodTable
+from service.api.http_server import HttpEdge, HttpListener, HttpPolicy
 from service.api.kserve import KServeServicer
 from service.api.v1 import AttentionServicer
 from service.app.settings import Secrets, Settings
@@ -146,6 +149,41 @@ def credentials(secrets: Secrets) -> grpc.ServerCredentials | None:
         root_certificates=secrets.tls_client_ca,
         require_client_auth=secrets.tls_client_ca is not None,
     )
+
+
+def http_listener(dataplane: DataPlane, observer: Observer, gate: CallGate, settings: Settings) -> HttpListener | None:
+    """The REST port's routes and bounds (None when http_port is -1): the gate's token, slots and body timeout."""
+    if settings.http_port < 0:
+        return None
+    policy = HttpPolicy(
+        token=gate.policy.token,
+        max_body_bytes=settings.max_message_bytes,
+        body_timeout_s=gate.policy.body_timeout_s,
+        max_connections=settings.http_max_connections,
+    )
+    return HttpListener(HttpEdge(dataplane, settings.model_name, observer, gate, policy))
+
+
+def http_tls(secrets: Secrets) -> ssl.SSLContext | None:
+    """The gRPC port's certificate, key and client CA for the REST port. ssl loads a key only from a file: it is
+    passed through an anonymous in-memory file, so the bytes read at start are the ones served, as for gRPC."""
+    if secrets.tls_cert is None or secrets.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    files = []
+    try:
+        for data in (secrets.tls_cert, secrets.tls_key):
+            fd = os.memfd_create("attnserve-tls")
+            os.write(fd, data)
+            files.append(fd)
+        context.load_cert_chain(f"/proc/self/fd/{files[0]}", f"/proc/self/fd/{files[1]}")
+    finally:
+        for fd in files:
+            os.close(fd)
+    if secrets.tls_client_ca is not None:
+        context.load_verify_locations(cadata=secrets.tls_client_ca.decode())
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def gate_policy(settings: Settings, budget: int, token: str | None) -> GatePolicy:

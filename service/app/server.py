@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import sys
 import time
 
@@ -76,8 +77,10 @@ class AttnServer:
         self.gate = CallGate(table, gate_policy, observer, build.observed_methods())
         self.batcher.lone_call = self.gate.lone
         self.server = build.grpc_server(self.gate, settings)
+        self.http = build.http_listener(self.dataplane, observer, self.gate, settings)
         self.health_server = build.health_server(settings, self.health)
         self.grpc_port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self.health_port = 0
 
@@ -109,6 +112,14 @@ class AttnServer:
         except OSError as e:
             raise ListenError(f"metrics cannot listen on {metrics_host}:{self.settings.metrics_port}: {e}") from None
         await self.server.start()
+        if self.http is not None:
+            http_address = f"{self.settings.host}:{self.settings.http_port}"
+            try:
+                self.http_port = await self.http.start(
+                    self.settings.host, self.settings.http_port, build.http_tls(self.secrets)
+                )
+            except (OSError, ssl.SSLError) as e:  # the port is taken, or the TLS files are not a matching pair
+                raise ListenError(f"HTTP cannot listen on {http_address}: {e}") from None
         if self.access_log is not None:
             self._flusher = asyncio.create_task(self.access_log.flush_periodically())
         if self.settings.warmup:
@@ -118,11 +129,12 @@ class AttnServer:
         for name in HEALTH_NAMES:
             await self.health.set(name, SERVING)
         log.info(
-            "attnserve ready: grpc %s:%d (%s), metrics %s, model %s, provider %s%s",
+            "attnserve ready: grpc %s:%d (%s), metrics %s, http %s, model %s, provider %s%s",
             self.settings.host,
             self.grpc_port,
             "tls" if credentials else "plaintext",
             f":{self.metrics_port}" if self.metrics.enabled else "off",
+            f":{self.http_port}" if self.http is not None else "off",
             self.settings.model_dir,
             self.engine.provider,
             f", health :{self.health_port} (plaintext)" if self.health_server is not None else "",
@@ -137,6 +149,8 @@ class AttnServer:
         # GOAWAY now, not once the work is done: clients send new calls to other replicas at once, while the calls
         # in flight finish and their answers go out whole within the grace period.
         stopping = asyncio.create_task(self.server.stop(grace=self.settings.drain_grace_s))
+        if self.http is not None:
+            self.http.close()  # likewise: no new connections; open ones close after their request in flight
         finished = await self.dataplane.wait_idle(self.settings.drain_grace_s)
         log.info(
             "drain: %d in flight at SIGTERM, %s after %.2f s",
@@ -154,6 +168,8 @@ class AttnServer:
 
     async def _release(self) -> None:
         """Everything but the gRPC server, once it has stopped."""
+        if self.http is not None:
+            await self.http.stop(grace_s=1.0)  # after drain's wait: what is left is answers being written
         if self.health_server is not None:
             await self.health_server.stop(grace=None)
         await asyncio.to_thread(self.batcher.close)

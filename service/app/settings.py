@@ -42,6 +42,19 @@ class Settings(BaseSettings):
         description="plaintext port that serves only grpc.health.v1, for kubelet probes when TLS is on (they speak "
         "no TLS); unset = off",
     )
+    http_port: int = Field(
+        8000,
+        ge=-1,
+        le=65535,
+        description="KServe v2 HTTP/REST port (JSON and binary tensor data; same host, TLS, token and limits as "
+        "gRPC); 0 picks a free one, like the other ports; -1 = off",
+    )
+    http_max_connections: int = Field(
+        256,
+        ge=1,
+        description="HTTP connections open at once; one more is answered 503 and closed (each request in flight "
+        "also takes one of max_concurrent_rpcs, shared with gRPC)",
+    )
     metrics_port: int = Field(8002, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one)")
     metrics_host: str = Field(
         "",
@@ -159,7 +172,8 @@ class Settings(BaseSettings):
         10.0,
         gt=0,
         description="how long a unary call may take to deliver its request message after its headers; then "
-        "DEADLINE_EXCEEDED, so calls that send headers and stall cannot hold slots",
+        "DEADLINE_EXCEEDED (HTTP: 408), so calls that send headers and stall cannot hold slots; HTTP connections "
+        "that send no complete request headers this long after connecting or after their last answer are closed",
     )
     memory_budget_mb: int = Field(
         0,
@@ -172,7 +186,11 @@ class Settings(BaseSettings):
     max_weights_seq_len: int = Field(
         1024, ge=1, description="longest sequence for which attention weights are computed ([batch, heads, seq, seq])"
     )
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="largest gRPC message, both ways")
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        ge=1024,
+        description="largest gRPC message, both ways; largest HTTP request body (its JSON part: 1/16 of it)",
+    )
 
     keepalive_time_s: float = Field(30.0, gt=0, description="server keepalive ping interval")
     keepalive_timeout_s: float = Field(10.0, gt=0, description="close a connection whose ping goes unanswered")

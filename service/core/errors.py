@@ -1,4 +1,4 @@
-"""Typed errors of the core. The gRPC edge turns them into status codes in one place (service/api/status.py)."""
+"""Typed errors of the core. The edges turn them into gRPC and HTTP statuses in one place (service/api/status.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ class InvalidInput(ServiceError):
     """The client's request is malformed or outside the limits."""
 
 
+class TooLarge(InvalidInput):
+    """The request's body is over its size bound (gRPC: INVALID_ARGUMENT; HTTP: 413)."""
+
+
 class NotFound(ServiceError):
     """Unknown model or version."""
 
@@ -30,6 +34,10 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     """The request's deadline passed, or cannot be met."""
+
+
+class BodyTimeout(DeadlineExceeded):
+    """The request's body did not arrive within body_timeout_s: the client's delay, not ours (HTTP: 408)."""
 
 
 class ResourceExhausted(ServiceError):

@@ -296,7 +296,7 @@ def test_runtime_runs_unprivileged(stages: dict[str, Stage]) -> None:
     assert users, "no USER, it would run as root"
     user, _, group = users[-1].args.partition(":")
     assert user not in ("root", "0") and group not in ("root", "0"), f"USER {users[-1].args}"
-    assert [e.args.split() for e in stage.each("EXPOSE")] == [["8001", "8002"]]
+    assert [e.args.split() for e in stage.each("EXPOSE")] == [["8000", "8001", "8002"]]
     assert [s.args for s in stage.each("STOPSIGNAL")] == ["SIGTERM"]  # the service drains on SIGTERM
     (healthcheck,) = stage.each("HEALTHCHECK")
     assert "service.app.healthcheck" in healthcheck.args

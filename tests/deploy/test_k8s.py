@@ -242,6 +242,7 @@ def test_services_name_their_ports(docs: list[Obj]) -> None:
         for p in spec["ports"]:
             assert p["port"] == port(c, p["targetPort"]), p
     assert {p["name"]: p.get("appProtocol") for p in service["ports"]} == {
+        "http": "http",
         "grpc": "kubernetes.io/h2c",
         "metrics": "http",
     }

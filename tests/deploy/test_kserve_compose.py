@@ -47,7 +47,11 @@ ISVC_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # KServe's InferenceSer
 
 # --- KServe --------------------------------------------------------------------------------------------
 
-VARIANTS = {"inferenceservice.yaml": ("cpu", "-cpu"), "inferenceservice-gpu.yaml": ("cuda", "-cuda")}
+VARIANTS = {
+    "inferenceservice.yaml": ("cpu", "-cpu"),
+    "inferenceservice-gpu.yaml": ("cuda", "-cuda"),
+    "inferenceservice-grpc.yaml": ("cpu", "-cpu"),
+}
 
 
 @pytest.fixture(params=sorted(VARIANTS))
@@ -70,7 +74,7 @@ def attnserve_env(container: Obj) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("ATTNSERVE_")}
 
 
-def test_inference_service_is_a_v2_grpc_custom_predictor(isvc_file: str, isvc: Obj) -> None:
+def test_inference_service_is_a_v2_custom_predictor(isvc_file: str, isvc: Obj) -> None:
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
     assert ISVC_NAME.match(isvc["metadata"]["name"]), isvc["metadata"]["name"]
     annotations = isvc["metadata"]["annotations"]
@@ -85,10 +89,15 @@ def test_inference_service_is_a_v2_grpc_custom_predictor(isvc_file: str, isvc: O
     assert settings.provider == provider
     # Custom predictors declare their protocol in the PROTOCOL variable (predictor_custom.go).
     assert {"name": "PROTOCOL", "value": "v2"} in container["env"]
-    # Knative takes one port; the name h2c makes it route plaintext HTTP/2 (gRPC) to it.
-    assert container["ports"] == [{"name": "h2c", "containerPort": settings.grpc_port, "protocol": "TCP"}]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == settings.grpc_port, probe
+    # Knative takes one port: REST (http1, KServe's default) by default; the name h2c routes plaintext HTTP/2 (gRPC).
+    if "grpc" in isvc_file:
+        assert container["ports"] == [{"name": "h2c", "containerPort": settings.grpc_port, "protocol": "TCP"}]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == settings.grpc_port, probe
+    else:
+        assert container["ports"] == [{"name": "http1", "containerPort": settings.http_port, "protocol": "TCP"}]
+        for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+            assert container[probe]["httpGet"] == {"path": path, "port": settings.http_port}, probe
     assert set(container) <= KNATIVE_CONTAINER_FIELDS, f"Knative refuses {set(container) - KNATIVE_CONTAINER_FIELDS}"
 
 
@@ -211,7 +220,7 @@ def test_compose_service_drains_and_reports_health() -> None:
     env = {key: str(value) for key, value in service["environment"].items()}
     assert setting_problems(env) == []
     settings = settings_from(env)
-    assert service["ports"] == [f"{p}:{p}" for p in (settings.grpc_port, settings.metrics_port)]
+    assert service["ports"] == [f"{p}:{p}" for p in (settings.http_port, settings.grpc_port, settings.metrics_port)]
     assert seconds(service["stop_grace_period"]) > settings.drain_grace_s + SERVER_STOP_S, "SIGKILL mid-drain"
     health = service["healthcheck"]
     probe = ["CMD", "python", "-m", "service.app.healthcheck", "--address", f"127.0.0.1:{settings.grpc_port}"]

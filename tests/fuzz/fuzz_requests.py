@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError
 
 from service._pb.attnserve.v1 import attention_pb2 as v1_pb
 from service._pb.inference import grpc_service_pb2 as kserve_pb
-from service.api import kserve_codec, v1_codec
+from service.api import kserve_codec, v1_codec, v2_envelope
 from service.api.tensors import WIRE_DTYPES
 from service.app.settings import DEFAULT_MAX_MESSAGE_BYTES, Settings
 from service.core.errors import ServiceError
@@ -112,7 +112,7 @@ def check_kserve(message: kserve_pb.ModelInferRequest, served: str = SERVED) -> 
     for limits in LIMITS:
         try:
             call = kserve_codec.infer_request_from_pb(message, served)
-            assert call.outputs and set(call.outputs) <= set(kserve_codec.OUTPUT_NAMES)
+            assert call.outputs and set(call.outputs) <= set(v2_envelope.OUTPUT_NAMES)
             check_request(call.request, limits)
             check_finite(call.request.hidden_states)  # in the engine thread, before compute
         except ServiceError as error:

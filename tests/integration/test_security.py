@@ -249,7 +249,7 @@ def _run_server_cli(model_dir: Path, *args: str, env: dict[str, str] | None = No
     """python -m service with a real model; a server that wrongly starts is stopped by the timeout (a failure)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("ATTNSERVE_")}
     command = [sys.executable, "-m", "service", "--model-dir", str(model_dir), "--grpc-port", "0"]
-    command += ["--metrics-port", "0", "--warmup", "false", *args]
+    command += ["--metrics-port", "0", "--http-port", "0", "--warmup", "false", *args]
     return subprocess.run(
         command, capture_output=True, text=True, timeout=60, env={**base, **(env or {})},
         cwd=Path(__file__).resolve().parents[2],
