@@ -7,8 +7,9 @@ What a traced request leaves:
   and ours (api, model, seq_bucket, seq_len, batch_size, graph, request id);
 - under it `attnserve.queue` (its wait for an engine thread; none when it computed at once) and `attnserve.compute`
   (its engine run, from the hand-over to an engine thread to the answer back on the event loop);
-- per engine run, one `attnserve.run` span in a trace of its own, linked to every traced request it served (a run
-  batches several), and each request's compute span linked back to it.
+- per engine run of several requests (batching), one `attnserve.run` span in a trace of its own, linked to every
+  traced request it served, and each request's compute span linked back to it; a run of one request is described
+  by that request's compute span (the run's attributes on it), one span fewer per request.
 
 Cost: every span is made on the event loop, the run's and its members' children after the fact with explicit
 timestamps from the times the batcher measured anyway (nothing runs on the engine threads). Finished spans go to a
@@ -145,7 +146,9 @@ class Tracing:
         self, members: Sequence[Member], started: float, provider: str, graph: str, rows: int, longest: int,
         padded_tokens: int, compute_s: float,
     ) -> None:  # fmt: skip
-        """A finished run: its span linked to each traced member, and each member's queue and compute spans.
+        """A finished run's spans: each traced member's queue and compute spans, and for a run of several requests
+        its own span, linked to each traced member and linked back from their compute spans. A run of one request
+        is its compute span alone (a run span would repeat it, at a third of a traced request's cost).
         started: time.perf_counter() when the run went to an engine thread (or computed at once); it ends now."""
         traced = [(m, m.request.trace) for m in members if isinstance(m.request.trace, Span)]
         traced = [(m, span) for m, span in traced if span.is_recording()]
@@ -157,28 +160,31 @@ class Tracing:
             return now_ns - int((now - t) * 1e9)
 
         begun = ns(started)
-        run = self._follower.start_span(
-            "attnserve.run",
-            context=Context(),  # a root of its own, whatever context is current
-            kind=SpanKind.INTERNAL,
-            links=[Link(span.get_span_context()) for _, span in traced],
-            start_time=begun,
-            attributes={
-                "attnserve.provider": provider, "attnserve.graph": graph, "attnserve.rows": rows,
-                "attnserve.longest": longest, "attnserve.padded_tokens": padded_tokens,
-                "attnserve.requests": len(members), "attnserve.compute_us": round(compute_s * 1e6),
-            },
-        )  # fmt: skip
-        to_run = [Link(run.get_span_context())]
+        run_attributes: dict[str, str | int] = {
+            "attnserve.provider": provider, "attnserve.graph": graph, "attnserve.rows": rows,
+            "attnserve.longest": longest, "attnserve.padded_tokens": padded_tokens,
+            "attnserve.requests": len(members), "attnserve.compute_us": round(compute_s * 1e6),
+        }  # fmt: skip
+        run: Span | None = None
+        if len(members) > 1:
+            run = self._follower.start_span(
+                "attnserve.run",
+                context=Context(),  # a root of its own, whatever context is current
+                links=[Link(span.get_span_context()) for _, span in traced],
+                start_time=begun,
+                attributes=run_attributes,
+            )
+        to_run = [Link(run.get_span_context())] if run is not None else None
         for member, span in traced:
             parent = set_span_in_context(span)
             if member.enqueued < started:  # a request computed at once never waited
                 self._follower.start_span("attnserve.queue", parent, start_time=ns(member.enqueued)).end(begun)
-            compute = self._follower.start_span(
-                "attnserve.compute", parent, links=to_run, start_time=begun, attributes={"attnserve.graph": graph}
-            )
-            compute.end(now_ns)
-        run.end(now_ns)
+            attributes = {"attnserve.graph": graph} if run is not None else run_attributes
+            self._follower.start_span(
+                "attnserve.compute", parent, links=to_run, start_time=begun, attributes=attributes
+            ).end(now_ns)
+        if run is not None:
+            run.end(now_ns)
 
     def shutdown(self) -> None:
         """Export what is queued (within the exporters' timeouts) and stop; blocking: call it off the event loop."""
