@@ -22,7 +22,7 @@ help:
 	@echo "make protos       regenerate service/_pb and client/attnserve_client/_pb from proto/ (commit the result)"
 	@echo "make prometheus-check  promtool: deploy/prometheus/ config, rules and the rules' unit tests"
 	@echo "make bench        every benchmark (bench-model, bench-serve, bench-metrics, bench-batching)"
-	@echo "make bench-metrics  throughput with metrics and access log on vs off -> reports/metrics_bench.md"
+	@echo "make bench-metrics  throughput with metrics, access log and tracing on vs off -> reports/metrics_bench.md"
 	@echo "make bench-batching  dynamic batching vs off vs echo, and overload -> reports/batching_bench.md (BATCHING_ARGS)"
 	@echo "make bench-workers  one service process vs two on one port (--reuse-port) -> reports/workers_bench.md"
 	@echo "make report-latency  latency vs sequence length from the service's own histograms -> reports/latency_vs_seqlen.md"

@@ -1,7 +1,10 @@
-"""`make bench-metrics`: what Prometheus metrics and the JSON access log cost in throughput.
+"""`make bench-metrics`: what Prometheus metrics, the JSON access log and OpenTelemetry tracing cost in throughput.
 
-Three servers (`python -m service`, one process each): **full** = metrics on, access log all,
-**metrics** = metrics on, access log off, **off** = `--metrics false --access-log off`. One load client in
+Servers (`python -m service`, one process each): **full** = metrics on, access log all,
+**metrics** = metrics on, access log off, **off** = `--metrics false --access-log off`; with tracing (unless
+--no-tracing) also **tracing** = `metrics` traced: every request sampled, spans exported over OTLP/HTTP to a sink
+(`python -m tests.otlp_receiver`, a process of its own), and **tracing_off** = `metrics` with OTEL_* variables set
+but OTEL_SDK_DISABLED=true; both are compared with `metrics` too. One load client in
 this process drives KServe ModelInfer at (1,16,512), closed loop, concurrency 8 (the shape where the
 per-request overhead weighs most), and optionally attnserve.v1 Attend (--v1). Every round runs each server
 for --round-s seconds, in an order rotated round by round, after one warm-up round that is not counted;
@@ -11,7 +14,7 @@ per request, and the verdict against the 3% limit. Exit 0 whatever the verdict (
 a server erred.
 
     python -m bench.metrics_bench --model-dir models/attention --out reports/metrics_bench.md [--rounds N]
-        [--round-s S] [--v1] [--quick]
+        [--round-s S] [--v1] [--quick] [--no-tracing]
 """
 
 from __future__ import annotations
@@ -52,7 +55,18 @@ VARIANTS: dict[str, tuple[tuple[str, ...], str]] = {
     # The defaults (access log errors only) write no line here: every request succeeds.
     "metrics": (("--access-log", "off"), "metrics on, access log off: the defaults' cost"),
     "off": (("--metrics", "false", "--access-log", "off"), "metrics off, access log off"),
+    "tracing": (("--access-log", "off"), "`metrics` + tracing on: 100% sampled, OTLP/HTTP to a local sink"),
+    "tracing_off": (("--access-log", "off"), "`metrics` + OTEL_* set, OTEL_SDK_DISABLED=true"),
 }
+# The tracing variants' OTEL_* variables; {sink} is the sink's OTLP/HTTP endpoint. A short export interval: spans
+# leave in batches of a few hundred, as a busy server's would, not 2048 at a time every 5 s.
+TRACING_ENV: dict[str, dict[str, str]] = {
+    "tracing": {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "{sink}", "OTEL_TRACES_SAMPLER": "always_on",
+                "OTEL_BSP_SCHEDULE_DELAY": "200"},
+    "tracing_off": {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "{sink}", "OTEL_TRACES_SAMPLER": "always_on",
+                    "OTEL_SDK_DISABLED": "true"},
+}  # fmt: skip
+TRACING_REFERENCE = "metrics"  # what tracing adds to: the defaults
 # --control: a second `off` server, measured like the others. Its ratio to `off` should be 1; how far it is
 # shows what this machine's noise alone makes of the ratios in the same run (an A/A test).
 CONTROL = "off2"
@@ -90,18 +104,38 @@ class Server:
         self.running.stop()
 
 
-def start_variant(model_dir: Path, name: str, log_dir: Path, timeout_s: float = 120.0) -> Server:
+def start_variant(model_dir: Path, name: str, log_dir: Path, sink: str = "", timeout_s: float = 120.0) -> Server:
     """`python -m service` with the variant's flags; stdout (the access log) goes to a file, not to a reader
     thread in this process, which would take the GIL from the load client only while `full` runs and bias
     the ratio. A file costs the server the same write(2) per line as the pipe a container runtime reads."""
     access_path = log_dir / f"{name}.access.jsonl"
     flags = ALL_VARIANTS[name][0]
-    return Server(name, start_server(model_dir, *flags, timeout_s=timeout_s, stdout=access_path), access_path)
+    env = {key: value.format(sink=sink) for key, value in TRACING_ENV.get(name, {}).items()}
+    running = start_server(model_dir, *flags, env=env, timeout_s=timeout_s, stdout=access_path)
+    return Server(name, running, access_path)
 
 
-def start_servers(model_dir: Path, log_dir: Path, names: Sequence[str] = tuple(VARIANTS)) -> dict[str, Server]:
+def start_servers(
+    model_dir: Path, log_dir: Path, names: Sequence[str] = tuple(VARIANTS), sink: str = ""
+) -> dict[str, Server]:
     """One server per variant, started in parallel; none left running if one fails."""
-    return start_in_parallel(names, lambda name: start_variant(model_dir, name, log_dir), Server.stop)
+    return start_in_parallel(names, lambda name: start_variant(model_dir, name, log_dir, sink), Server.stop)
+
+
+class Sink:
+    """The OTLP/HTTP receiver the traced server exports to, in a process of its own; counts what arrives."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.otlp_receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        self.endpoint = f"http://127.0.0.1:{self.process.stdout.readline().split()[1]}/v1/traces"
+
+    def close(self) -> int:
+        """Stop it; the number of exports it received."""
+        out, _ = self.process.communicate(timeout=30)
+        return int(out.split()[-1]) if out.strip() else 0
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -193,11 +227,29 @@ class Verdict:
 def verdicts(series: Series) -> list[Verdict]:
     out = []
     for name in series.blocks:
-        if name in (BASELINE, CONTROL):
+        if name in (BASELINE, CONTROL) or name in TRACING_ENV:
             continue
         ratios = series.ratios(name)
         out.append(Verdict(series.api, name, 1 - statistics.median(ratios), 1 - max(ratios), 1 - min(ratios)))
     return out
+
+
+def tracing_lines(series: Series) -> list[str]:
+    """What tracing adds to `metrics` (the same server otherwise): the throughput ratio round by round, and the
+    server CPU per request."""
+    if TRACING_REFERENCE not in series.blocks:
+        return []
+    reference = series.blocks[TRACING_REFERENCE]
+    lines = []
+    for name in (n for n in TRACING_ENV if n in series.blocks):
+        ratios = [r.throughput_rps / ref.throughput_rps for r, ref in zip(series.blocks[name], reference, strict=True)]
+        cpu = series.cpu_us_per_request(name) - series.cpu_us_per_request(TRACING_REFERENCE)
+        lines.append(
+            f"{series.api} `{name}` ({ALL_VARIANTS[name][1]}) vs `{TRACING_REFERENCE}`: throughput ratio "
+            f"{statistics.median(ratios):.3f} (per round {min(ratios):.3f}–{max(ratios):.3f}), server CPU "
+            f"{cpu:+.0f} µs/request"
+        )
+    return lines
 
 
 def control_line(series: Series) -> str | None:
@@ -239,9 +291,11 @@ def report(
     code: str,
     args: argparse.Namespace,
     wall_s: float,
+    exports: int = 0,
 ) -> str:
     cores = usable_cores()
     flags = "".join(f" --{flag}" for flag in ("v1", "control", "quick") if getattr(args, flag))
+    flags += "" if args.tracing else " --no-tracing"
     lines = [
         "# Metrics overhead benchmark",
         "",
@@ -254,13 +308,15 @@ def report(
         f"Load: {SHAPE}, closed loop, concurrency {CONCURRENCY}, one channel; {args.rounds} counted rounds of "
         f"{args.round_s:g} s per variant after one warm-up round. Access-log lines written by the servers: "
         + ", ".join(f"{name} {n}" for name, n in access.items())
-        + " (stdout to a file).",
+        + " (stdout to a file)."
+        + (f" OTLP exports the sink received: {exports}." if args.tracing else ""),
         "",
     ]
     for series in all_series:
         lines += [*table(series), ""]
     lines += ["## Verdict", ""]
     lines += [f"- {v.line()}" for series in all_series for v in verdicts(series)]
+    lines += [f"- {line}" for series in all_series for line in tracing_lines(series)]
     lines += [f"- {line}" for series in all_series if (line := control_line(series))]
     lines += [
         "",
@@ -291,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help="an A/A control: a second `off` server, whose ratio to `off` is the noise floor")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="2 rounds of 0.5 s (tests)")
+    p.add_argument("--tracing", action=argparse.BooleanOptionalAction, default=True,
+                   help="the tracing variants (and the OTLP sink they export to)")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.round_s = 2, 0.5
@@ -300,9 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     targets = [("kserve", kserve_target(SHAPE))] + ([("v1", v1_target(SHAPE))] if args.v1 else [])
     code = code_version()  # now, as the servers start: they run what is on disk at that moment
     with tempfile.TemporaryDirectory(prefix="metrics_bench.") as log_dir:
-        names = [*VARIANTS, CONTROL] if args.control else list(VARIANTS)
+        names = [name for name in VARIANTS if args.tracing or name not in TRACING_ENV]
+        names += [CONTROL] if args.control else []
+        sink = Sink() if args.tracing else None
         print(f"starting {', '.join(names)} ...", flush=True)
-        servers = start_servers(args.model_dir, Path(log_dir), names)
+        try:
+            servers = start_servers(args.model_dir, Path(log_dir), names, sink.endpoint if sink else "")
+        except BaseException:
+            if sink is not None:
+                sink.close()
+            raise
         try:
             meter = CpuMeter([os.getpid(), *(s.process.pid for s in servers.values())])
             all_series = [measure(servers, target, api, args.rounds, args.round_s) for api, target in targets]
@@ -313,9 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
+            exports = sink.close() if sink is not None else 0  # after the servers: they export at exit too
         # Counted once the servers have stopped: a server may buffer its access lines until it exits.
         access = {name: server.access_lines() for name, server in servers.items()}
-    text = report(all_series, usage, access, code, args, time.perf_counter() - started)
+    text = report(all_series, usage, access, code, args, time.perf_counter() - started, exports)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print()
@@ -324,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     for series in all_series:
         for v in verdicts(series):
             print(v.line())
+        for line in tracing_lines(series):
+            print(line)
         if line := control_line(series):
             print(line)
     print(f"\nwritten to {args.out}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -14,14 +15,15 @@ from service.core.errors import ListenError, ModelDirectoryError, ProviderError,
 from service.host.malloc import keep_freed_memory
 from service.host.thread_names import LOOP, name_this_thread
 from service.observe.log_format import configure_logging
+from service.observe.trace_config import TraceConfig
 
 
-async def serve(settings: Settings, secrets: Secrets) -> int:
+async def serve(settings: Settings, secrets: Secrets, trace: TraceConfig) -> int:
     from service.app.server import AttnServer  # after logging is configured
 
     if settings.keep_freed_memory:
         keep_freed_memory()
-    server = AttnServer(settings, secrets)
+    server = AttnServer(settings, secrets, trace)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -53,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         # An unusable one is a bad setting (exit 2), TLS files included: like the token file, the fix is the
         # file a setting names; exit 1 stays for failures found while starting (model, provider, ports).
         secrets = read_secrets(settings)
-        return asyncio.run(serve(settings, secrets))
+        # Tracing follows OpenTelemetry's standard OTEL_* variables, as its collectors' operators expect.
+        trace = TraceConfig.from_env(os.environ)
+        return asyncio.run(serve(settings, secrets, trace))
     except (ValidationError, SettingsError) as e:
         _fail(f"attnserve: bad settings: {e}", settings)
         return 2

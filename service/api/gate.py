@@ -162,7 +162,7 @@ class CallGate(grpc.GenericRpcHandler):
 
     async def _refuse(self, context: grpc.aio.ServicerContext, path: str, error: ServiceError) -> Any:
         if (labels := self._observed.get(path)) is not None:
-            self.observer.refused(*labels, error)
+            self.observer.refused(*labels, error, context.invocation_metadata)
         code, message = status_of(error)
         await context.abort(code, message)
 

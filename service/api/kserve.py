@@ -102,7 +102,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest | Undecodable, context: grpc.aio.ServicerContext, method: str
     ) -> pb.ModelInferResponse:
-        with self.observer.observe("kserve", method) as seen:
+        with self.observer.observe("kserve", method, context.invocation_metadata) as seen:
             if isinstance(request, Undecodable):
                 raise request.error
             call = codec.infer_request_from_pb(request, self.name)

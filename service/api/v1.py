@@ -52,7 +52,7 @@ class AttentionServicer(pb_grpc.AttentionServiceServicer):
     async def _attend(
         self, request: pb.AttendRequest | Undecodable, context: grpc.aio.ServicerContext, method: str
     ) -> pb.AttendResponse:
-        with self.observer.observe("v1", method) as seen:
+        with self.observer.observe("v1", method, context.invocation_metadata) as seen:
             if isinstance(request, Undecodable):
                 raise request.error
             core_request = codec.attend_request_from_pb(request)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from service import __version__
 from service._pb.attnserve.v1 import attention_pb2, attention_pb2_grpc
 from service._pb.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from service.api.gate import CallGate, GatePolicy, MethodTable
@@ -25,6 +27,10 @@ from service.engine.model_dir import ModelDirectory
 from service.engine.sessions import Engine
 from service.host.thread_priority import call_on_lowered_thread
 from service.observe.requests import Observer
+from service.observe.trace_config import TraceConfig
+
+if TYPE_CHECKING:
+    from service.observe.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,19 @@ SERVICE_NAMES = (
 )
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 GPU_BATCH_TOKENS = 16384
+
+
+def tracing(config: TraceConfig, settings: Settings) -> Tracing | None:
+    """The tracer when the OTEL_* variables turn tracing on (trace_config.py), else None: nothing of OpenTelemetry
+    is imported then, and the request path checks one `is None`."""
+    if not config.enabled:
+        log.info("tracing: %s", config.describe())
+        return None
+    from service.observe.tracing import Tracing  # only now: OpenTelemetry takes a quarter of a second to import
+
+    tracer = Tracing(config, __version__, settings.model_name, dict(zip(("kserve", "v1"), SERVICE_NAMES, strict=True)))
+    log.info("tracing: %s", tracer.describe())
+    return tracer
 
 
 def engine(settings: Settings, model: ModelDirectory) -> Engine:

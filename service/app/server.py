@@ -24,6 +24,7 @@ from service.host.cpu_quota import usable_cores
 from service.host.memory_limit import memory_budget
 from service.observe.metrics import Metrics, NullMetrics
 from service.observe.requests import AccessLog, Observer
+from service.observe.trace_config import TraceConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class AttnServer:
     """The whole service; `start`, then `drain` (on SIGTERM) or `stop`."""
 
-    def __init__(self, settings: Settings, secrets: Secrets | None = None) -> None:
-        """secrets: the token and TLS files as checked at start (read_secrets); None reads them now."""
+    def __init__(self, settings: Settings, secrets: Secrets | None = None, trace: TraceConfig | None = None) -> None:
+        """secrets: the token and TLS files as checked at start (read_secrets); None reads them now. trace: what the
+        OTEL_* variables ask for (TraceConfig.from_env); None: tracing off."""
         self.settings = settings
         self.secrets = secrets if secrets is not None else read_secrets(settings)
         model = load_model_directory(settings.model_dir)
@@ -62,7 +64,9 @@ class AttnServer:
         self.metrics.track(lambda: self.dataplane.inflight, lambda: self.batcher.queue_depth)
         self.access_log = AccessLog(sys.stdout, settings.access_log) if settings.access_log != "off" else None
         self._flusher: asyncio.Task[None] | None = None
-        observer = Observer(self.metrics, code_name, self.access_log)
+        self.tracing = build.tracing(trace or TraceConfig(False, "not configured"), settings)
+        self.batcher.recorder.tracing = self.tracing
+        observer = Observer(self.metrics, code_name, self.access_log, self.tracing)
         self.health = health_aio.HealthServicer()
         gate_policy = build.gate_policy(settings, budget, self.secrets.token)
         log.info(
@@ -178,3 +182,5 @@ class AttnServer:
             self._flusher.cancel()
         if self.access_log is not None:
             self.access_log.flush()
+        if self.tracing is not None:  # export the spans still queued, off the loop (it waits for the collector)
+            await asyncio.to_thread(self.tracing.shutdown)

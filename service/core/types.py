@@ -33,6 +33,7 @@ class AttentionRequest:
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() by which the answer is due
     wire_bytes: int = 0  # size of the request message it came in (its tensors are views of it), for the budget
+    trace: object = None  # its observation's trace span when traced (service/observe/tracing.py); opaque here
 
     @property
     def batch_size(self) -> int:

@@ -149,7 +149,7 @@ class Batcher:
         if run.failed:
             raise run.failed[0]
         assert computed is not None and run.batch is not None
-        self._record(run.batch, computed)
+        self._record(run.batch, computed, now)
         return computed
 
     @property
@@ -278,12 +278,15 @@ class Batcher:
         elif output is not None and run.batch is not None:
             self._answer(run.batch, output, started)
 
-    def _record(self, batch: Batch, output: Computed) -> None:
+    def _record(self, batch: Batch, output: Computed, started: float) -> None:
         rows, longest = batch.hidden_states.shape[:2]
-        self.recorder.record(self.engine.provider, output.graph, rows, longest, batch.padded_tokens, output.compute_s)
+        self.recorder.record(
+            self.engine.provider, output.graph, rows, longest, batch.padded_tokens, output.compute_s,
+            batch.members, started,
+        )  # fmt: skip
 
     def _answer(self, batch: Batch, output: Computed, started: float) -> None:
-        self._record(batch, output)
+        self._record(batch, output, started)
         for waiting, part in zip(batch.members, batch.split(output.output), strict=True):
             if not waiting.tag.done():
                 share = Computed(part, output.weights, output.graph, output.compute_s)

@@ -19,9 +19,9 @@ from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricF
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 
-EXEMPLAR_LABEL = "request_id"
-# OpenMetrics allows 128 characters in an exemplar's labels, names included; Prometheus fails a scrape past it.
-EXEMPLAR_VALUE_CHARS = 128 - len(EXEMPLAR_LABEL)
+# OpenMetrics allows 128 characters in an exemplar's labels, names and values together; Prometheus fails a scrape
+# past it. Callers keep within it (service/observe/metrics.py cuts the request id).
+EXEMPLAR_CHARS = 128
 
 
 class _Series:
@@ -30,11 +30,11 @@ class _Series:
     def __init__(self, buckets: int) -> None:
         self.counts = [0] * buckets  # per bucket, not cumulative; the last is +Inf
         self.total = 0.0
-        self.exemplars: list[tuple[str, float, float] | None] = [None] * buckets  # (id, value, unix time)
+        self.exemplars: list[tuple[dict[str, str], float, float] | None] = [None] * buckets  # (labels, value, time)
 
 
 class FastHistogram(Collector):
-    """A labelled histogram: observe(labels, value[, exemplar id]); the latest exemplar kept per bucket."""
+    """A labelled histogram: observe(labels, value[, exemplar labels]); the latest exemplar kept per bucket."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
                  registry: CollectorRegistry) -> None:  # fmt: skip
@@ -44,7 +44,7 @@ class FastHistogram(Collector):
         self._lock = threading.Lock()
         registry.register(self)
 
-    def observe(self, labels: tuple[str, ...], value: float, exemplar: str = "") -> None:
+    def observe(self, labels: tuple[str, ...], value: float, exemplar: dict[str, str] | None = None) -> None:
         index = bisect_left(self.bounds, value)  # the first bound ≥ value: buckets are `le`
         with self._lock:
             series = self._series.get(labels)
@@ -53,7 +53,7 @@ class FastHistogram(Collector):
             series.counts[index] += 1
             series.total += value
             if exemplar:
-                series.exemplars[index] = (exemplar[:EXEMPLAR_VALUE_CHARS], value, time.time())
+                series.exemplars[index] = (exemplar, value, time.time())
 
     def describe(self) -> list[Metric]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
@@ -71,7 +71,7 @@ class FastHistogram(Collector):
                 if exemplar is None:
                     buckets.append((le, cumulative))
                 else:
-                    buckets.append((le, cumulative, Exemplar({EXEMPLAR_LABEL: exemplar[0]}, exemplar[1], exemplar[2])))
+                    buckets.append((le, cumulative, Exemplar(*exemplar)))
             family.add_metric(list(labels), buckets, total)
         yield family
 

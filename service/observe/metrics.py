@@ -23,7 +23,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from service import __version__
 from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, seq_bucket
-from service.observe.fast_metrics import FastCounter, FastHistogram
+from service.observe.fast_metrics import EXEMPLAR_CHARS, FastCounter, FastHistogram
 from service.observe.metrics_http import MetricsHTTPServer
 
 # 50 µs … 30 s: a 16-token request on a GPU to a 4096-token batch on a small CPU.
@@ -34,6 +34,10 @@ BATCH_LABELS = (1, 2, 4, 8, 16, 32)  # batch_bucket label: the smallest bound �
 PADDING_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0)
 disable_created_metrics()  # no *_created series: Prometheus 2.x ignores them, they only add scrape weight
 NO_SEQ = "none"  # seq_bucket of a request refused before its length was known
+# The request histogram's exemplar: the request id, cut to 64 characters, and for a traced request its trace id
+# (32 hex digits, under `trace_id` as Grafana's exemplar-to-trace links expect). Together within OpenMetrics' cap.
+REQUEST_ID_CHARS = 64
+assert len("request_id") + REQUEST_ID_CHARS + len("trace_id") + 32 <= EXEMPLAR_CHARS
 
 # What the exposition names, for tests and docs: histograms expose _bucket/_sum/_count, counters _total.
 SERVICE_METRICS = (
@@ -107,11 +111,16 @@ class Metrics:
     # --- the request path -----------------------------------------------------------------------------
 
     def observe_request(
-        self, api: str, method: str, code: str, seq: int | None, seconds: float, tokens: int, request_id: str
-    ) -> None:
-        """One answered request (OK or not); tokens counted only when it was answered OK."""
+        self, api: str, method: str, code: str, seq: int | None, seconds: float, tokens: int, request_id: str,
+        trace_id: str = "",
+    ) -> None:  # fmt: skip
+        """One answered request (OK or not); tokens counted only when it was answered OK. trace_id: its trace's id
+        when it was traced and sampled, else ""."""
         bucket = self.seq_bucket(seq)
-        self.request_duration.observe((api, method, code, bucket), seconds, request_id[:64])  # OpenMetrics caps it
+        exemplar = {"request_id": request_id[:REQUEST_ID_CHARS]} if request_id else {}
+        if trace_id:
+            exemplar["trace_id"] = trace_id
+        self.request_duration.observe((api, method, code, bucket), seconds, exemplar)
         self.requests.inc((api, method, code))
         if tokens and code == "OK":
             self.tokens.inc((bucket,), tokens)

@@ -7,6 +7,9 @@ the block fills in the request once decoded and the result once computed, and wh
 This runs on every request, on the event loop, so it is kept to a few microseconds (`make bench-metrics`):
 a plain class instead of a generator context manager, and access-log fields queued per request and
 formatted and written in batches twice a second, instead of the logging module and a write per line.
+
+With tracing on (service/observe/tracing.py), the observation also holds the request's server span, and the
+span's trace id joins the request id in the histogram's exemplar. With tracing off that costs one `is None`.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as json_string
 from types import TracebackType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from service.core.types import AttentionRequest, AttentionResult
 from service.observe.metrics import Metrics
+
+if TYPE_CHECKING:  # imported only where tracing is on: with it off, OpenTelemetry is never loaded
+    from service.observe.tracing import Headers, Tracing
 
 FLUSH_EVERY_S = 0.5
 MAX_PENDING = 4096  # lines queued before a flush happens anyway
@@ -88,15 +94,30 @@ def _access_line(
 class Observation:
     """One request on its way: a context manager that records it when the block ends."""
 
-    __slots__ = ("api", "method", "observer", "request", "result", "started")
+    __slots__ = ("_request", "api", "method", "observer", "protocol", "result", "span", "started")
 
-    def __init__(self, observer: Observer, api: str, method: str) -> None:
+    def __init__(
+        self, observer: Observer, api: str, method: str, headers: Headers = None, protocol: str = "grpc"
+    ) -> None:
         self.observer = observer
         self.api = api  # kserve | v1
         self.method = method  # the rpc
+        self.protocol = protocol  # grpc | http: which semantic conventions its trace span follows
         self.started = time.perf_counter()
-        self.request: AttentionRequest | None = None  # once decoded
+        self._request: AttentionRequest | None = None
         self.result: AttentionResult | None = None  # once computed
+        tracing = observer.tracing
+        self.span = None if tracing is None else tracing.start(api, method, headers, protocol)
+
+    @property
+    def request(self) -> AttentionRequest | None:
+        """The request, once decoded; it carries the span to the engine run that computes it."""
+        return self._request
+
+    @request.setter
+    def request(self, request: AttentionRequest) -> None:
+        self._request = request
+        request.trace = self.span
 
     def __enter__(self) -> Observation:
         return self
@@ -108,22 +129,27 @@ class Observation:
 
 class Observer:
     def __init__(
-        self, metrics: Metrics, code_name: Callable[[BaseException], str], access_log: AccessLog | None = None
-    ) -> None:
+        self, metrics: Metrics, code_name: Callable[[BaseException], str], access_log: AccessLog | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:  # fmt: skip
         """code_name: the status an error ends its call with, as the edge names it (OK for none)."""
         self.code_name = code_name
         self.metrics = metrics
         self.access_log = access_log
+        self.tracing = tracing
         # Server-side ids for requests that bring none, so an exemplar still leads to a log line.
         self._ids = itertools.count(1)
         self._prefix = f"{os.getpid():x}-"
 
-    def observe(self, api: str, method: str) -> Observation:
-        return Observation(self, api, method)
+    def observe(self, api: str, method: str, headers: Headers = None, protocol: str = "grpc") -> Observation:
+        """headers: the request's headers, where a W3C traceparent may continue the caller's trace: the gRPC
+        edge's `context.invocation_metadata` (read only when tracing is on), or the HTTP edge's header mapping
+        (with protocol="http")."""
+        return Observation(self, api, method, headers, protocol)
 
-    def refused(self, api: str, method: str, error: BaseException) -> None:
+    def refused(self, api: str, method: str, error: BaseException, headers: Headers = None) -> None:
         """A call refused before it became a request (its message undecodable or late): counted all the same."""
-        self.finish(Observation(self, api, method), self.code_name(error))
+        self.finish(Observation(self, api, method, headers), self.code_name(error))
 
     def finish(self, seen: Observation, code: str) -> None:
         seconds = time.perf_counter() - seen.started
@@ -135,6 +161,10 @@ class Observer:
             if code == "CANCELLED" and request.deadline is not None and time.monotonic() >= request.deadline:
                 code = "DEADLINE_EXCEEDED"  # gRPC cancels the handler when the deadline passes
         request_id = request_id or f"{self._prefix}{next(self._ids)}"
-        self.metrics.observe_request(seen.api, seen.method, code, seq, seconds, tokens, request_id)
+        trace_id = ""
+        if seen.span is not None and self.tracing is not None:
+            bucket = self.metrics.seq_bucket(seq)
+            trace_id = self.tracing.finish(seen.span, seen.protocol, code, request, seen.result, request_id, bucket)
+        self.metrics.observe_request(seen.api, seen.method, code, seq, seconds, tokens, request_id, trace_id)
         if self.access_log is not None and self.access_log.wants(code):
             self.access_log.write(request_id, seen.api, seen.method, code, request, seen.result, seconds)

@@ -31,6 +31,16 @@ def test_a_request_lands_in_its_seq_bucket_with_its_id_as_exemplar() -> None:
     assert 'attnserve_tokens_total{seq_bucket="none"}' not in text
 
 
+def test_a_traced_request_adds_its_trace_id_to_the_exemplar_within_openmetrics_cap() -> None:
+    metrics = Metrics((16,))
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    metrics.observe_request("v1", "Attend", "OK", 8, 0.003, 8, "r" * 200, trace_id)
+    text = openmetrics(metrics.registry).decode()
+    exemplar = text.split(" # ", 1)[1].split("}", 1)[0] + "}"
+    assert exemplar == '{request_id="' + "r" * 64 + f'",trace_id="{trace_id}"}}'
+    assert len("request_id" + "r" * 64 + "trace_id" + trace_id) <= 128  # names and values, as OpenMetrics counts
+
+
 def test_a_run_records_compute_batch_and_padding() -> None:
     metrics = Metrics()
     metrics.observe_run("cpu", "plain", 3, 100, 60, 0.01)
