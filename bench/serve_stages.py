@@ -46,6 +46,9 @@ class _Context:
     def time_remaining(self) -> float:
         return 60.0
 
+    def invocation_metadata(self) -> tuple:
+        return ()
+
 
 def _cpu_us(fn: Callable[[], object], count: int) -> float:
     started = time.process_time()
