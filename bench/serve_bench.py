@@ -58,6 +58,9 @@ SERVICE_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 INPROC = ("inproc", "inproc idle", "inproc spin")
 IDLE_S = 0.001  # "inproc idle": the pause before each call, as a server at c=1 has between requests
+# Between two rows' blocks: the baseline's onnxruntime threads spin on after its last run (its default), and at
+# 0.05 s the row after it measured 10–25% slower than the same server later in the round.
+ROW_GAP_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,8 @@ def start_servers(model_dir: Path, names: set[str], before: Path | None = None) 
             return Running(name, f"127.0.0.1:{port}", process, lambda: stop_bench_server(process))
         if name == BEFORE:
             assert before is not None
-            service = start_server(model_dir.resolve(), env={"PYTHONPATH": str(before)}, cwd=before)
+            # Without --http-port: the checkout may predate it; its HTTP port, if any, stays at its default.
+            service = start_server(model_dir.resolve(), env={"PYTHONPATH": str(before)}, cwd=before, http=False)
         else:
             service = start_server(model_dir, *SERVICE_VARIANTS[name])
         return Running(name, service.address, service.process, service.stop, service.metric)
@@ -277,7 +281,8 @@ def measure_cell(
     blocks: dict[Row, list[LoadResult]] = {row: [] for row in rows}
     targets = {row: _target(row, shape) for row in rows if not row.inproc}
     for round_ in range(budget.rounds):
-        for row in rows:
+        shift = round_ % len(rows)  # each round starts one row later: no row always follows the same one
+        for row in rows[shift:] + rows[:shift]:
             warmup = budget.warmup_requests if round_ == 0 else min(budget.warmup_requests, concurrency)
             if row.inproc:
                 result = inproc.measure(row.server, shape, budget.block_s, budget.block_requests, warmup)
@@ -303,7 +308,7 @@ def measure_cell(
                     old = cell.runs.get(row, (0.0, 0.0))
                     cell.runs[row] = (old[0] + sequences - runs[0], old[1] + count - runs[1])
             blocks[row].append(result)
-            time.sleep(0.05)  # let the threads of the one that just ran go idle before the next one starts
+            time.sleep(ROW_GAP_S)
     for row, results in blocks.items():
         merged = LoadResult.merge(results)
         merged.target = row.name
@@ -666,8 +671,9 @@ def report(
         f"{platform.python_version()}. Whole run {wall_s:.0f} s; **other processes used "
         f"{meter['others_cpu_fraction']:.0%} of the machine meanwhile** (see the last section).",
         "",
-        "Rows of one (shape, concurrency) cell take turns round after round and each row's latencies are pooled "
-        "over its rounds, so the ratios compare servers under the same machine noise. Closed loop: c callers on "
+        "Rows of one (shape, concurrency) cell take turns round after round (each round starting one row later, "
+        f"{ROW_GAP_S:g} s apart) and each row's latencies are pooled over its rounds, so the ratios compare servers "
+        "under the same machine noise. Closed loop: c callers on "
         "one channel, each sending its next request when its last is answered; latency is the client's, around "
         "each call; req/s = answers / (first send → last answer). In-process rows: `session.run` back to back "
         "in the benchmark's process, through the service's own Engine (same session options) on the graph the "

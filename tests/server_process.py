@@ -125,10 +125,12 @@ def stop_process(process: subprocess.Popen, grace_s: float) -> int:
     return process.wait()
 
 
-def server_command(model_dir: Path, *args: str) -> list[str]:
+def server_command(model_dir: Path, *args: str, http: bool = True) -> list[str]:
+    """http=False: no --http-port flag, for a checkout older than the HTTP port (a benchmark's "before" row)."""
     return [
         sys.executable, "-m", "service", "--model-dir", str(model_dir),
-        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", "--http-port", "0", *args,
+        "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0", *(("--http-port", "0") if http else ()),
+        *args,
     ]  # fmt: skip
 
 
@@ -142,16 +144,17 @@ def run_service(*args: str, env: dict[str, str] | None = None, timeout_s: float 
 
 def start_server(
     model_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120.0,
-    stdout: Path | None = None, cwd: Path | None = None,
+    stdout: Path | None = None, cwd: Path | None = None, http: bool = True,
 ) -> ServerProcess:  # fmt: skip
     """Launch, wait for the ready line (after warm-up), return the ports; raise with the log if it dies.
 
     The access log (stdout) is kept in `access_lines`, read by a thread of this process; with `stdout` it goes
     to that file instead, and nothing here reads it (benchmarks: no reader thread taking this process's GIL).
-    cwd: another checkout of this repository to run the server from (a benchmark's "before" row)."""
+    cwd: another checkout of this repository to run the server from (a benchmark's "before" row; with http=False
+    when it predates the HTTP port)."""
     with open(stdout, "wb") if stdout is not None else contextlib.nullcontext() as sink:
         process = subprocess.Popen(
-            server_command(model_dir, *args),
+            server_command(model_dir, *args, http=http),
             stderr=subprocess.PIPE,
             stdout=subprocess.PIPE if sink is None else sink,
             text=True,

@@ -149,7 +149,11 @@ def run(
     """Start the image detached: read-only root, its own non-root user, no capabilities, loopback ports."""
     container = Container(engine, f"attnserve-test-{os.getpid()}-{free_port()}", free_port(), free_port())
     # Ports through the environment, so that the image's HEALTHCHECK probes the one the server listens on.
-    variables = {"ATTNSERVE_GRPC_PORT": container.grpc_port, "ATTNSERVE_METRICS_PORT": container.metrics_port}
+    variables = {
+        "ATTNSERVE_GRPC_PORT": container.grpc_port,
+        "ATTNSERVE_METRICS_PORT": container.metrics_port,
+        "ATTNSERVE_HTTP_PORT": free_port(),  # host network: the default 8000 may be taken on the machine
+    }
     argv = [
         "run", "--detach", "--name", container.name, "--label", f"{PID_LABEL}={os.getpid()}",
         "--read-only", "--network", "host",

@@ -49,7 +49,8 @@ def _bin(tmp_path: Path, smi: str | None = None) -> Path:
 
 def _run(argv: list[str], path: Path, out: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": str(path), "OUT": str(out)}
-    env.pop("MAKEFLAGS", None)  # a make test run must not hand its flags (-j, -s) to the child make
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):  # under make test: no flags (-j, -s), no "make[2]:" prefix
+        env.pop(name, None)
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
