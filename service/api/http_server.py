@@ -178,7 +178,7 @@ class HttpEdge:
 
     async def _infer(self, request: web.BaseRequest, name: str, version: str) -> web.StreamResponse:
         arrived = time.monotonic()
-        with self.observer.observe(API, "infer") as seen:
+        with self.observer.observe(API, "infer", request.headers, protocol="http") as seen:
             body = await self._body(request)
             decode = _offloaded(len(body))
             infer = await decode(

@@ -46,6 +46,9 @@ DEFAULT_EXPORT_BATCH = 512  # BatchSpanProcessor's spans per export, unless OTEL
 
 # Request headers as an edge has them: gRPC's invocation_metadata (a callable, read only when tracing is on), or an
 # HTTP edge's header mapping.
+# The HTTP edge's traced operations (service/api/http_server.py) and their routes, as span names and http.route.
+HTTP_ROUTES = {"infer": "/v2/models/{model_name}/infer"}
+
 Headers = Callable[[], Iterable[tuple[str, str | bytes]] | None] | Mapping[str, str] | None
 
 
@@ -112,8 +115,13 @@ class Tracing:
         attributes: dict[str, str | int] = {"attnserve.api": api, "attnserve.model": self.model}
         if protocol == "grpc":
             attributes.update({"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
+            name = f"{service}/{method}"
+        else:  # HTTP's conventions: "{method} {route}", the route a template, never the client's path
+            route = HTTP_ROUTES.get(method, method)
+            attributes.update({"http.request.method": "POST", "http.route": route})
+            name = f"POST {route}"
         return self._tracer.start_span(
-            f"{service}/{method}", context=trace_context(headers), kind=SpanKind.SERVER, attributes=attributes
+            name, context=trace_context(headers), kind=SpanKind.SERVER, attributes=attributes
         )
 
     def finish(

@@ -12,10 +12,12 @@ off, the server never imports OpenTelemetry (so creates none of its objects and 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,14 +50,23 @@ class Edge:
     method: str
     payload: Callable[[np.ndarray], bytes]
 
-    async def call(self, address: str, x: np.ndarray, metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+    @property
+    def span_name(self) -> str:
+        return f"{self.service}/{self.method}"
+
+    def conventions(self) -> dict[str, str | int]:
+        return {"rpc.system": "grpc", "rpc.service": self.service, "rpc.method": self.method, "rpc.grpc.status_code": 0}
+
+    async def call(self, server: ServerProcess | str, x: np.ndarray, metadata: tuple[tuple[str, str], ...]) -> str:
+        """The call's outcome: "OK" or the gRPC status code's name."""
+        address = server if isinstance(server, str) else server.address
         async with grpc.aio.insecure_channel(address) as channel:
             unary = channel.unary_unary(f"/{self.service}/{self.method}")
             try:
                 await unary(self.payload(x), metadata=metadata, timeout=60)
             except grpc.aio.AioRpcError as e:
-                return e.code()
-            return grpc.StatusCode.OK
+                return e.code().name
+            return "OK"
 
 
 KSERVE = Edge("kserve", "inference.GRPCInferenceService", "ModelInfer", lambda x: kserve_request(x).SerializeToString())
@@ -65,9 +76,38 @@ V1 = Edge(
     "Attend",
     lambda x: v1.AttendRequest(hidden_states=tensor_to_pb(x)).SerializeToString(),
 )
-# The HTTP/REST edge's calls go here once it exists (an Edge whose `call` POSTs /v2/models/attention/infer with the
-# traceparent header): the same checks then cover it, with rpc.* left out (protocol="http").
-EDGES = [KSERVE, V1]
+
+
+@dataclass(frozen=True)
+class HttpEdge:
+    """KServe v2 over HTTP/REST: a JSON infer POSTed with the caller's trace headers; HTTP's span conventions."""
+
+    api: str = "http"
+    route: str = "/v2/models/{model_name}/infer"
+
+    @property
+    def span_name(self) -> str:
+        return f"POST {self.route}"
+
+    def conventions(self) -> dict[str, str | int]:
+        return {"http.request.method": "POST", "http.route": self.route}
+
+    async def call(self, server: ServerProcess, x: np.ndarray, metadata: tuple[tuple[str, str], ...]) -> str:
+        body = {"inputs": [{"name": "hidden_states", "shape": list(x.shape), "datatype": "FP32",
+                            "data": x.ravel().tolist()}]}  # fmt: skip
+        request = urllib.request.Request(
+            f"http://{server.http_address}/v2/models/attention/infer", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **dict(metadata)}, method="POST",
+        )  # fmt: skip
+        try:
+            await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=60).read())
+        except urllib.error.HTTPError as e:
+            return str(e.code)
+        return "OK"
+
+
+HTTP = HttpEdge()
+EDGES: list[Edge | HttpEdge] = [KSERVE, V1, HTTP]
 
 
 def _x(seq: int, seed: int = 0) -> np.ndarray:
@@ -121,15 +161,14 @@ def test_a_call_continues_the_callers_trace_with_queue_and_compute_spans(
     traced: ServerProcess, http_receiver: OtlpHttpReceiver, edge: Edge, seq: int
 ) -> None:
     trace_id, caller, metadata = _traceparent()
-    assert asyncio.run(edge.call(traced.address, _x(seq), metadata)) == grpc.StatusCode.OK
-    name = f"{edge.service}/{edge.method}"
+    assert asyncio.run(edge.call(traced, _x(seq), metadata)) == "OK"
+    name = edge.span_name
     spans = http_receiver.received.wait_for(lambda got: {name, "attnserve.compute"} <= _of_trace(got, trace_id).keys())
     mine = _of_trace(spans, trace_id)
     server = mine[name]
     assert (server.parent_span_id, server.kind, server.status_code) == (caller, SERVER, 0)
     assert server.resource["service.name"] == "attnserve-test"
-    assert server.attributes == server.attributes | {
-        "rpc.system": "grpc", "rpc.service": edge.service, "rpc.method": edge.method, "rpc.grpc.status_code": 0,
+    assert server.attributes == server.attributes | edge.conventions() | {
         "attnserve.api": edge.api, "attnserve.model": "attention", "attnserve.code": "OK",
         "attnserve.seq_len": seq, "attnserve.seq_bucket": str(seq), "attnserve.batch_size": 1,
     }  # fmt: skip
@@ -151,7 +190,7 @@ def test_a_call_continues_the_callers_trace_with_queue_and_compute_spans(
 def test_a_failed_call_is_traced_with_its_status(traced: ServerProcess, http_receiver: OtlpHttpReceiver) -> None:
     trace_id, caller, metadata = _traceparent()
     too_wide = np.zeros((1, 8, D_MODEL + 1), dtype=np.float32)
-    assert asyncio.run(V1.call(traced.address, too_wide, metadata)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.run(V1.call(traced, too_wide, metadata)) == "INVALID_ARGUMENT"
     name = f"{V1.service}/{V1.method}"
     server = _of_trace(http_receiver.received.wait_for(lambda got: name in _of_trace(got, trace_id)), trace_id)[name]
     assert server.parent_span_id == caller
@@ -163,9 +202,9 @@ def test_a_caller_that_declines_sampling_gets_nothing_exported(
     traced: ServerProcess, http_receiver: OtlpHttpReceiver
 ) -> None:
     declined, _, unsampled = _traceparent(sampled=False)
-    assert asyncio.run(KSERVE.call(traced.address, _x(16), unsampled)) == grpc.StatusCode.OK
+    assert asyncio.run(KSERVE.call(traced, _x(16), unsampled)) == "OK"
     later, _, sampled = _traceparent()
-    assert asyncio.run(KSERVE.call(traced.address, _x(16), sampled)) == grpc.StatusCode.OK
+    assert asyncio.run(KSERVE.call(traced, _x(16), sampled)) == "OK"
     # Spans leave in the order they end: once the later call's arrived, the earlier one's would have too.
     spans = http_receiver.received.wait_for(lambda got: bool(_of_trace(got, later)))
     assert not _of_trace(spans, declined)
@@ -195,11 +234,11 @@ def test_one_run_span_links_every_request_it_served_over_otlp_grpc(
 ) -> None:
     callers = [_traceparent() for _ in range(4)]
 
-    async def together() -> list[grpc.StatusCode]:
+    async def together() -> list[str]:
         calls = [(KSERVE if i % 2 else V1).call(batching.address, _x(64, i), m) for i, (_, _, m) in enumerate(callers)]
         return await asyncio.gather(*calls)
 
-    assert asyncio.run(together()) == [grpc.StatusCode.OK] * 4
+    assert asyncio.run(together()) == ["OK"] * 4
     spans = grpc_receiver.received.wait_for(
         lambda got: (
             sum(1 for s in got if s.name == "attnserve.compute") >= 4 and any(s.name == "attnserve.run" for s in got)
