@@ -12,6 +12,7 @@ run_triton_client().
 
 from __future__ import annotations
 
+import csv
 import functools
 import importlib.metadata
 import importlib.util
@@ -127,3 +128,22 @@ def write_perf_analyzer_data(path: Path, seq: int, d_model: int) -> None:
     """perf_analyzer's own random data has NaN/Inf and a garbage mask: give it finite hidden_states only."""
     x = np.random.default_rng(0).standard_normal((seq, d_model), dtype=np.float32)
     path.write_text(json.dumps({"data": [{"hidden_states": {"content": x.ravel().tolist(), "shape": [seq, d_model]}}]}))
+
+
+def perf_analyzer_measurement(protocol: str, url: str, work: Path) -> list[dict[str, str]]:
+    """One completed perf_analyzer measurement of the served model over `protocol` (grpc | http): (1,128,512)
+    batch 2 at concurrency 2, 20 requests per window; its CSV report's rows. Asserts perf_analyzer runs and exits 0."""
+    available, why = perf_analyzer_available()
+    assert available, f"perf_analyzer must run here (make installs libb64-0d and the CUDA runtime wheel): {why}"
+    data, report = work / "hs.json", work / "pa.csv"
+    write_perf_analyzer_data(data, 128, 512)
+    argv = [
+        *perf_analyzer_command(), "-m", "attention", "-i", protocol, "-u", url, "-b", "2",
+        "--input-data", str(data), "--concurrency-range", "2",
+        "--measurement-mode", "count_windows", "--measurement-request-count", "20",
+        "--stability-percentage", "1000", "--max-trials", "3", "-f", str(report),
+    ]  # fmt: skip
+    done = subprocess.run(argv, env=perf_analyzer_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with report.open() as rows:
+        return list(csv.DictReader(rows))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,8 @@ from model.export import read_model_dir
 from model.reference import reference_attention, relative_l2
 from tests.server_process import ServerProcess
 from tests.triton_tools import (
-    perf_analyzer_available,
-    perf_analyzer_command,
-    perf_analyzer_env,
+    perf_analyzer_measurement,
     run_triton_client,
-    write_perf_analyzer_data,
 )
 
 TRITON_SCRIPT = r"""
@@ -106,20 +102,7 @@ def test_tritonclient_unchanged(server: ServerProcess, reference_model: tuple, t
 
 
 def test_perf_analyzer_completes_a_measurement(server: ServerProcess, tmp_path: Path) -> None:
-    available, why = perf_analyzer_available()
-    assert available, f"perf_analyzer must run here (make installs libb64-0d and the CUDA runtime wheel): {why}"
-    data = tmp_path / "hs.json"
-    write_perf_analyzer_data(data, 128, 512)
-    report = tmp_path / "pa.csv"
-    argv = [
-        *perf_analyzer_command(), "-m", "attention", "-i", "grpc", "-u", server.address, "-b", "2",
-        "--input-data", str(data), "--concurrency-range", "2",
-        "--measurement-mode", "count_windows", "--measurement-request-count", "20",
-        "--stability-percentage", "1000", "--max-trials", "3", "-f", str(report),
-    ]  # fmt: skip
-    done = subprocess.run(argv, env=perf_analyzer_env(), capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = list(csv.DictReader(report.open()))
+    rows = perf_analyzer_measurement("grpc", server.address, tmp_path)
     assert len(rows) == 1 and rows[0]["Concurrency"] == "2"
     assert float(rows[0]["Inferences/Second"]) > 0
     assert float(rows[0]["Server Compute Infer"]) > 0  # our ModelStatistics fed its server-side columns
