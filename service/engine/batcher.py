@@ -114,9 +114,10 @@ class Batcher:
         need_s = self.run_times.estimate(request)
         if (late := self._deadline_lost(request, time.monotonic(), need_s, waited_s=0.0)) is not None:
             raise late
-        if self._can_run_now(request):
-            return self._run_now(request, now), 0.0
-        waiting = Waiting(request, now, asyncio.get_running_loop().create_future(), need_s / self.workers)
+        waiting = Waiting(request, now, cost_s=need_s / self.workers)
+        if self._can_run_now(waiting):
+            return self._run_now(waiting), 0.0
+        waiting.tag = asyncio.get_running_loop().create_future()  # only a queued request needs one
         try:
             self.queue.put(waiting)
         except QueueFull as e:
@@ -127,29 +128,28 @@ class Batcher:
         computed: tuple[Computed, float] = await waiting.tag
         return computed
 
-    def _can_run_now(self, request: AttentionRequest) -> bool:
+    def _can_run_now(self, waiting: Waiting) -> bool:
         """Whether a request computes at once, on the loop's thread: it finds nothing running and nothing waiting,
         and it is either tiny (one intra-op thread: the loop spends on it what an engine thread would, minus the
         hops) or alone at the edges (so holding the loop delays nobody) and small."""
-        if self._running or self.queue.requests or request.weights is not None or self.policy.max_queue_delay_s:
+        if self._running or self.queue.requests or waiting.request.weights is not None or self.policy.max_queue_delay_s:
             return False  # (with a queue delay, the policy says wait for company)
-        tokens = request.batch_size * request.seq_len
-        if tokens > self.inline_max_tokens:
+        if waiting.tokens > self.inline_max_tokens:
             return False
-        return tokens <= INLINE_SINGLE_THREAD_TOKENS or self.lone_call()
+        return waiting.tokens <= INLINE_SINGLE_THREAD_TOKENS or self.lone_call()
 
-    def _run_now(self, request: AttentionRequest, now: float) -> Computed:
+    def _run_now(self, waiting: Waiting) -> Computed:
         """Compute one request here, on the event loop's thread: no hop to an engine thread and back, no thread
         to wake, no future; the loop is held for as long as a small run takes (inline_max_tokens bounds it)."""
-        tokens = request.batch_size * request.seq_len
+        tokens = waiting.tokens
         narrow = tokens <= INLINE_SINGLE_THREAD_TOKENS and self.engine.can_run_narrow(tokens, False)
-        run = Run([Waiting(request, now)], narrow)
+        run = Run([waiting], narrow)
         self.runs["inline"] += 1
         computed = self._compute(run)
         if run.failed:
             raise run.failed[0]
         assert computed is not None and run.batch is not None
-        self._record(run.batch, computed, now)
+        self._record(run.batch, computed, waiting.enqueued)
         return computed
 
     @property
@@ -260,13 +260,9 @@ class Batcher:
         loop.call_soon_threadsafe(self._finish, run, started, output, error)
 
     def _finish(self, run: Run, started: float, output: Computed | None, error: BaseException | None) -> None:
+        """Back on the loop: answer every member of the run, its share or the error that left it out; schedule on."""
         self._running.discard(run)
         self._free_workers += 1
-        self._settle(run, started, output, error)
-        self._schedule()
-
-    def _settle(self, run: Run, started: float, output: Computed | None, error: BaseException | None) -> None:
-        """Answer every member of a finished run: its share, or the error that left it out."""
         for index, failure in run.failed.items():
             self._answer_error(run.members[index], failure)
         if error is not None:
@@ -277,6 +273,7 @@ class Batcher:
                 self._answer_error(waiting, error)
         elif output is not None and run.batch is not None:
             self._answer(run.batch, output, started)
+        self._schedule()
 
     def _record(self, batch: Batch, output: Computed, started: float) -> None:
         rows, longest = batch.hidden_states.shape[:2]
