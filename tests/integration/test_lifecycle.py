@@ -187,15 +187,18 @@ async def _in_flight(process: ServerProcess, count: int, channel: grpc.aio.Chann
 
 async def _until_draining(process: ServerProcess, channel: grpc.aio.Channel) -> None:
     """Until the server has taken the SIGTERM: health says NOT_SERVING, or the check itself is refused (the drain
-    sends GOAWAY at once, so a new call on this connection may end CANCELLED or UNAVAILABLE)."""
+    sends GOAWAY at once, so a new call on this connection may end CANCELLED or UNAVAILABLE), or never answered: a
+    call that reaches gRPC after its shutdown began, before the client has read the GOAWAY, is never handed to a
+    handler and waits out its deadline (seen once under a full `make test`). A server that had not taken the
+    SIGTERM would answer a health check at once; the late call below checks it is refused all the same."""
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + 30
     while True:
         try:
-            if (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status != SERVING:
+            if (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status != SERVING:
                 return
         except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE):
+            if e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return
             raise
         assert time.monotonic() < deadline, (
