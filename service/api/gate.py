@@ -12,7 +12,6 @@ cannot turn into a status of ours. So each method is served here as a request-st
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import inspect
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from service.api.body_deadlines import BodyDeadlines, BodyLate
 from service.api.status import status_of
 from service.core.errors import DeadlineExceeded, InvalidInput, ResourceExhausted, ServiceError, Unauthenticated
 from service.observe.requests import Observer
@@ -88,6 +88,7 @@ class CallGate(grpc.GenericRpcHandler):
         self.streams = 0  # streaming calls among them
         self._concurrent_until = 0.0  # time.monotonic() until which calls count as concurrent (see lone)
         self._observed = observed
+        self._bodies = BodyDeadlines(policy.body_timeout_s)
         self._expected = None if policy.token is None else f"Bearer {policy.token}".encode()
         self._missing = _refusing(Unauthenticated("authorization metadata missing; " + _HOW_TO_AUTH))
         self._wrong = _refusing(Unauthenticated("authorization metadata wrong; " + _HOW_TO_AUTH))
@@ -145,9 +146,8 @@ class CallGate(grpc.GenericRpcHandler):
     async def _read_one(self, context: grpc.aio.ServicerContext, decode: Callable[[bytes], Any], path: str) -> Any:
         """The call's one request message, decoded, or the call ends with the status that says why not."""
         try:
-            async with asyncio.timeout(self.policy.body_timeout_s):
-                raw = await context.read()
-        except TimeoutError:
+            raw = await self._bodies.read(context.read())
+        except BodyLate:
             error: ServiceError = DeadlineExceeded(
                 f"request message not received within {self.policy.body_timeout_s:g} s of the call's start "
                 "(body_timeout_s); send it whole, at once"
