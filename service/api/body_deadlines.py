@@ -1,10 +1,10 @@
 """Body deadlines for the call gate: a call whose request message has not arrived within body_timeout_s is ended.
 
 `asyncio.timeout` around every read arms a timer and cancels it again, per call: on a (1,16,512) request that
-was about a tenth of the event loop's time per call (bench/serve_bench.py). Here a read is registered in a dict
-and one sweep, at most every SWEEP_FRACTION of the timeout and only while reads wait, cancels the tasks whose
-deadline passed. A read is so ended between body_timeout_s and (1 + SWEEP_FRACTION) × body_timeout_s after it
-began.
+measured 40–140 µs of event-loop CPU per call here, in interleaved runs against this. Here a read is registered
+in a dict and one sweep, at most every SWEEP_FRACTION of the timeout and only while reads wait, cancels the
+tasks whose deadline passed. A read is so ended between body_timeout_s and (1 + SWEEP_FRACTION) ×
+body_timeout_s after it began.
 """
 
 from __future__ import annotations
