@@ -1,4 +1,5 @@
-"""Body deadlines for the call gate: a call whose request message has not arrived within body_timeout_s is ended.
+"""Body deadlines: a gRPC call (the call gate) or HTTP request whose body has not arrived within body_timeout_s
+is ended.
 
 `asyncio.timeout` around every read arms a timer and cancels it again, per call: on a (1,16,512) request that
 measured 40–140 µs of event-loop CPU per call here, in interleaved runs against this. Here a read is registered

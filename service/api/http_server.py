@@ -26,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 from service import __version__
 from service.api import http_codec as codec
 from service.api import kserve_codec
+from service.api.body_deadlines import BodyDeadlines, BodyLate
 from service.api.gate import CallGate
 from service.api.status import http_status_of
 from service.core.dataplane import DataPlane
@@ -75,6 +76,7 @@ class HttpEdge:
         self.policy = policy
         self._expected = None if policy.token is None else f"Bearer {policy.token}"
         self._max_json = policy.max_body_bytes // codec.JSON_EXPANSION
+        self._bodies = BodyDeadlines(policy.body_timeout_s)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -219,21 +221,24 @@ class HttpEdge:
         limit = self.policy.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise TooLarge(f"request body of {request.content_length} bytes; at most {limit} (max_message_bytes)")
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async with asyncio.timeout(self.policy.body_timeout_s):
-                async for chunk in request.content.iter_any():
-                    size += len(chunk)
-                    if size > limit:
-                        raise TooLarge(f"request body over {limit} bytes (max_message_bytes)")
-                    chunks.append(chunk)
-        except TimeoutError:
+            return await self._bodies.read(_read_body(request, limit))
+        except BodyLate:
             raise BodyTimeout(
                 f"request body not received within {self.policy.body_timeout_s:g} s of its headers "
                 "(body_timeout_s); send it whole, at once"
             ) from None
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body over {limit} bytes (max_message_bytes)")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _offloaded(size: int) -> Callable[..., Awaitable[Any]]:
