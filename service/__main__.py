@@ -12,7 +12,6 @@ from pydantic import ValidationError
 
 from service.app.settings import Secrets, Settings, parse_settings, read_secrets
 from service.core.errors import ListenError, ModelDirectoryError, ProviderError, SettingsError
-from service.host import event_loop
 from service.host.malloc import keep_freed_memory
 from service.host.thread_names import LOOP, name_this_thread
 from service.observe.log_format import configure_logging
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         secrets = read_secrets(settings)
         # Tracing follows OpenTelemetry's standard OTEL_* variables, as its collectors' operators expect.
         trace = TraceConfig.from_env(os.environ)
-        return event_loop.run(serve(settings, secrets, trace), settings.event_loop)
+        return asyncio.run(serve(settings, secrets, trace))
     except (ValidationError, SettingsError) as e:
         _fail(f"attnserve: bad settings: {e}", settings)
         return 2

@@ -15,7 +15,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.core.errors import SettingsError
 from service.core.seq_buckets import DEFAULT_SEQ_BUCKETS, parse_bounds
-from service.host.event_loop import EventLoop
 from service.observe.log_format import LogFormat
 
 # Large enough for batch 8 × seq 2048 × d_model 512 in FP32 (32 MiB) with room for the envelope.
@@ -80,11 +79,6 @@ class Settings(BaseSettings):
         ge=0,
         description="requests of at most this many tokens run single-threaded side by side when several are in "
         "flight (CPU); 0 = every run uses all intra-op threads, one at a time",
-    )
-    event_loop: EventLoop = Field(
-        "uvloop",
-        description="the event loop gRPC, HTTP and the batcher run on: uvloop (libuv; less CPU per request, "
-        "make bench-serve) or Python's own asyncio loop",
     )
     inline_max_tokens: int = Field(
         128,
