@@ -47,11 +47,11 @@ class BodyDeadlines:
         except asyncio.CancelledError:
             if task not in self._ended:
                 raise  # cancelled by gRPC (client gone, deadline), not by a sweep
-            self._ended.discard(task)
             task.uncancel()
             raise BodyLate from None
         finally:
             self._due.pop(task, None)
+            self._ended.discard(task)  # also when the read swallowed the sweep's cancellation: nothing kept
 
     def _sweep_due(self) -> None:
         loop = asyncio.get_running_loop()
