@@ -199,7 +199,7 @@ class Settings(BaseSettings):
         description="let gRPC grow each connection's receive window to its measured bandwidth-delay product: "
         "faster big messages over long round trips, but a client whose requests are not being read (a stream "
         "that never reads its answers) can then make the server buffer hundreds of MiB of them "
-        "(make resilience: streams_never_read); off: gRPC's fixed window",
+        "(make resilience: streams_never_read); off: a fixed 16 MiB window per stream",
     )
     max_connection_idle_s: float = Field(
         300.0, gt=0, description="close a client connection that has had no call for this long (GOAWAY)"
