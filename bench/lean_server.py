@@ -22,9 +22,9 @@ import onnxruntime as ort
 from bench.harness.aio_server import serve
 from service._pb.inference import grpc_service_pb2 as pb
 from service.core.types import INPUT, OUTPUT
+from service.engine.batcher import INLINE_SINGLE_THREAD_TOKENS
 from service.engine.model_dir import load_model_directory
 
-SINGLE_THREAD_TOKENS = 32  # as service/engine/batcher.py INLINE_SINGLE_THREAD_TOKENS
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
@@ -52,7 +52,7 @@ class Lean(grpc.GenericRpcHandler):
         request = pb.ModelInferRequest.FromString(raw)
         shape = tuple(request.inputs[0].shape)
         x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(shape)
-        threads = 1 if shape[0] * shape[1] <= SINGLE_THREAD_TOKENS else 0
+        threads = 1 if shape[0] * shape[1] <= INLINE_SINGLE_THREAD_TOKENS else 0
         session = self.sessions[threads][self.model.route("cpu", False, shape[1]).name]
         (output,) = session.run([OUTPUT], {INPUT: x})
         response = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)

@@ -122,7 +122,7 @@ def health_server(settings: Settings, health: health_aio.HealthServicer) -> grpc
     return server
 
 
-# gRPC's receive window per stream when its bandwidth-delay probing is off (--grpc-bdp-probe false).
+# gRPC's receive window each stream starts with, and keeps while its bandwidth-delay probing is off (the default).
 RECEIVE_WINDOW_BYTES = 16 << 20
 # Calls that hold no slot of ours (health Check) still count in gRPC's own limit: room for them above ours.
 PROBE_HEADROOM = 64

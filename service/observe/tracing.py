@@ -44,11 +44,11 @@ SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INT
 GRPC_CODES = {code.name: code.value[0] for code in grpc.StatusCode}
 DEFAULT_EXPORT_BATCH = 512  # BatchSpanProcessor's spans per export, unless OTEL_BSP_MAX_EXPORT_BATCH_SIZE says
 
-# Request headers as an edge has them: gRPC's invocation_metadata (a callable, read only when tracing is on), or an
-# HTTP edge's header mapping.
 # The HTTP edge's traced operations (service/api/http_server.py) and their routes, as span names and http.route.
 HTTP_ROUTES = {"infer": "/v2/models/{model_name}/infer"}
 
+# Request headers as an edge has them: gRPC's invocation_metadata (a callable, read only when tracing is on), or an
+# HTTP edge's header mapping.
 Headers = Callable[[], Iterable[tuple[str, str | bytes]] | None] | Mapping[str, str] | None
 
 
