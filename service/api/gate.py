@@ -7,17 +7,20 @@ cannot turn into a status of ours. So each method is served here as a request-st
   health Check takes none, so kubelet's probes answer while the port is full;
 - reads a unary call's message within body_timeout_s (headers followed by nothing cannot hold a slot);
 - decodes messages itself: an undecodable unary call gets INVALID_ARGUMENT (counted like any request); in a
-  stream it reaches the servicer as `Undecodable`, which answers it with an error and reads on.
+  stream it reaches the servicer as `Undecodable`, which answers it with an error and reads on;
+- keeps the task of each unary call until gRPC has written its answer, for the drain (`unanswered`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import inspect
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from weakref import WeakSet
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -87,6 +90,9 @@ class CallGate(grpc.GenericRpcHandler):
         self.calls = 0  # calls holding a slot
         self.streams = 0  # streaming calls among them
         self._concurrent_until = 0.0  # time.monotonic() until which calls count as concurrent (see lone)
+        # gRPC's task for each slotted unary call: it ends once the answer and status are written to the socket,
+        # after our handler returned (a done task leaves the set when it is freed).
+        self._unary_tasks: WeakSet[asyncio.Task] = WeakSet()
         self._observed = observed
         self._bodies = BodyDeadlines(policy.body_timeout_s)
         self._expected = None if policy.token is None else f"Bearer {policy.token}".encode()
@@ -132,6 +138,10 @@ class CallGate(grpc.GenericRpcHandler):
     def _leave(self, streaming: bool) -> None:
         self.calls -= 1
         self.streams -= streaming
+
+    def unanswered(self) -> list[asyncio.Task]:
+        """The unary calls whose answer gRPC has not yet written to the socket (the drain waits for them)."""
+        return [task for task in self._unary_tasks if not task.done()]
 
     def take_slot(self) -> ResourceExhausted | None:
         """A call slot for a request of the HTTP port: both ports share max_concurrent_rpcs (and so the memory
@@ -190,6 +200,8 @@ class CallGate(grpc.GenericRpcHandler):
             async def unary(requests: object, context: grpc.aio.ServicerContext) -> Any:
                 if slotted and (busy := gate._enter(False)) is not None:
                     return await gate._refuse(context, path, busy)
+                if slotted:
+                    gate._unary_tasks.add(asyncio.current_task())  # type: ignore[arg-type]  # gRPC runs it in one
                 try:
                     request = await gate._read_one(context, decode, path)
                     return await inner.unary_unary(request, context)

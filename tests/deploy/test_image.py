@@ -311,11 +311,15 @@ def test_podman_stop_lets_in_flight_requests_finish(served: Container, model_fil
         started = time.monotonic()
         stopped = served.podman("stop", "-t", str(STOP_TIMEOUT_S), served.name, timeout=STOP_TIMEOUT_S + 30)
         took = time.monotonic() - started
-        responses = [call.result() for call in calls]  # raises on any call that did not finish OK
+        failed = {i: f"{call.code().name}: {call.details()}" for i, call in enumerate(calls) if call.exception()}
+    # Everything a failure needs to be understood, in its message: which calls, how the server ended, its log.
+    ended = f"podman stop took {took:.1f} s, exit code {served.exit_code()}, log:\n{served.logs()[-3000:]}"
+    assert not failed, f"calls not answered (0 is the long one): {failed}; {ended}"
     assert stopped.returncode == 0, stopped.stderr
-    assert took < STOP_TIMEOUT_S, f"{took:.0f} s: podman had to kill it"
-    assert served.exit_code() == 0, served.logs()[-3000:]
+    assert took < STOP_TIMEOUT_S, f"podman had to kill it: {ended}"
+    assert served.exit_code() == 0, ended
     assert f"drain: {len(calls)} in flight at SIGTERM, all finished" in served.logs()
+    responses = [call.result() for call in calls]
     expected, _ = reference_attention(weights, config["num_heads"], long[:1], None, config["causal"])
     output = tensor_from_pb("output", responses[0].output, ("batch", "seq", "d_model"), (v1.FP32,))
     assert relative_l2(output[:1], expected) <= 1e-5

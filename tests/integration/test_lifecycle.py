@@ -186,8 +186,8 @@ async def _in_flight(process: ServerProcess, count: int, channel: grpc.aio.Chann
 
 
 async def _until_draining(process: ServerProcess, channel: grpc.aio.Channel) -> None:
-    """Until the server has taken the SIGTERM: health says NOT_SERVING, or the check itself is refused (the drain
-    sends GOAWAY at once, so a new call on this connection may end CANCELLED or UNAVAILABLE), or never answered: a
+    """Until the server has taken the SIGTERM: health says NOT_SERVING, or the check itself is refused (once the
+    drain's GOAWAY is out, a new call on this connection may end CANCELLED or UNAVAILABLE), or never answered: a
     call that reaches gRPC after its shutdown began, before the client has read the GOAWAY, is never handed to a
     handler and waits out its deadline (seen once under a full `make test`). A server that had not taken the
     SIGTERM would answer a health check at once; the late call below checks it is refused all the same."""

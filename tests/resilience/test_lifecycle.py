@@ -197,9 +197,11 @@ def test_drain_goaway(served_model: Path) -> None:
             str(result.codes),
         )
         result.expect("new call UNAVAILABLE within 1 s", new_code == UNAVAILABLE and new_seconds <= 1.0, new_code)
+        # GOAWAY once the answers in flight are written, not before (see Server.drain): the client reads it right
+        # behind the last one (GOAWAY at SIGTERM came seconds before it).
         result.expect(
-            "GOAWAY within 1 s of SIGTERM, before in-flight work finished",
-            left_ready is not None and left_ready - sigterm_at <= 1.0 and left_ready < last_done,
+            "GOAWAY right behind the last in-flight answer (within -0.5..+1 s of it)",
+            left_ready is not None and last_done - 0.5 <= left_ready <= last_done + 1.0,
             result.figures["channel left READY after SIGTERM"],
         )
         result.expect("exit 0", exit_code == 0, str(exit_code))
