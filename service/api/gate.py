@@ -201,7 +201,7 @@ class CallGate(grpc.GenericRpcHandler):
                 if slotted and (busy := gate._enter(False)) is not None:
                     return await gate._refuse(context, path, busy)
                 if slotted:
-                    gate._unary_tasks.add(asyncio.current_task())  # type: ignore[arg-type]  # gRPC runs it in one
+                    gate._unary_tasks.add(asyncio.current_task())  # type: ignore[arg-type]  # gRPC's task, never None
                 try:
                     request = await gate._read_one(context, decode, path)
                     return await inner.unary_unary(request, context)
